@@ -43,12 +43,13 @@ def nvml_process_used_gib(index: int) -> float | None:
         return None
 
 
-def estimate(config_path: Path, knobs: Any) -> dict[str, Any] | None:
+def estimate(config_path: Path, cfg: dict[str, Any], knobs: Any) -> dict[str, Any] | None:
+    """The estimate for the config that really runs (with --tiny, the shrunk one)."""
     try:
-        from tuiwiz.models import resolve_model
+        from tuiwiz.models import spec_from_config
         from tuiwiz.planning.memory import estimate_memory
 
-        est = estimate_memory(resolve_model(str(config_path)), knobs)
+        est = estimate_memory(spec_from_config(cfg, config_path.stem, str(config_path)), knobs)
         return {"peak_gib": est.peak_gib, "allocated_gib": est.allocated_gib, "reserved_gib": est.reserved_gib,
                 "breakdown_gib": est.breakdown_gib()}
     except Exception as e:  # noqa: BLE001 - the benchmark still measures
@@ -62,6 +63,7 @@ def run_case(cfg_path: Path, cfg: dict[str, Any], knobs: Any, steps: int, device
     from tuiwiz.train import build
 
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    est = estimate(cfg_path, cfg, knobs)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     ckpt = scratch / cfg_path.stem
@@ -72,7 +74,7 @@ def run_case(cfg_path: Path, cfg: dict[str, Any], knobs: Any, steps: int, device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     record: dict[str, Any] = {"model": cfg_path.stem, "knobs": knobs.model_dump(mode="json"), "steps": steps,
-                              "estimate": estimate(cfg_path, knobs)}
+                              "estimate": est}
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -105,6 +107,8 @@ def run_case(cfg_path: Path, cfg: dict[str, Any], knobs: Any, steps: int, device
         record.update({"s_per_step": per_step, "tokens_per_s": tokens_per_step / per_step})
     except torch.OutOfMemoryError as e:
         record.update({"oom": True, "error": str(e).splitlines()[0][:300]})
+    except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
+        record.update({"oom": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     if on_gpu:
         record.update({
             "torch_max_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
@@ -165,7 +169,13 @@ def main() -> int:
             cfg.update({"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
                         "vocab_size": min(int(cfg.get("vocab_size", 32000)), 4096)})
-            cfg.pop("layer_types", None)
+            for key in ("layer_types", "rope_scaling"):  # per-layer lists / per-head-dim factors
+                cfg.pop(key, None)
+            if cfg.get("model_type") == "gemma2":
+                cfg["query_pre_attn_scalar"] = 64
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                v = cfg.get(key)  # an explicit None: Phi3Config's default pad id (32000) is outside the vocab too
+                cfg[key] = v if isinstance(v, int) and v < cfg["vocab_size"] else None
         for loss in args.loss:
             for cutoff in args.cutoff:
                 for mb in args.micro_batch:
@@ -175,7 +185,8 @@ def main() -> int:
                     rec = run_case(p, dict(cfg), knobs, args.steps, args.device, scratch)
                     rec.update({"gpu": gpu, "tiny": args.tiny})
                     print(json.dumps({k: rec.get(k) for k in ("model", "oom", "tokens_per_s", "nvml_used_gib",
-                                                              "torch_max_allocated_gib", "estimate_error_pct")}))
+                                                              "torch_max_allocated_gib", "estimate_error_pct",
+                                                              "error")}), flush=True)
                     records.append(rec)
                     if args.device.startswith("cuda"):
                         torch.cuda.empty_cache()

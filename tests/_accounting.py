@@ -48,6 +48,13 @@ def tiny_config(family: str, layers: int = 3, vocab: int = 640) -> dict:
     return cfg
 
 
+def case_id(case: tuple) -> str:
+    """A test id for a (family, attn, grad_checkpointing, rank, dropout, targets, quant_bits) case."""
+    fam, attn, gc, r, p, t, qb = case
+    tgt = t if isinstance(t, str) else "+".join(t)
+    return f"{fam}-{attn}-{'gc' if gc else 'nogc'}-r{r}-p{p}-{tgt}-{qb}bit"
+
+
 _SAVED: dict[str, str] = {}
 
 
@@ -138,40 +145,73 @@ class _Track(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _gpu_semantics():
+def _gpu_semantics(track: "_Live | None" = None):
+    """Make the CPU step take the CUDA code path (see the module docstring).
+
+    With a step tracker, the temporaries of trl's tile folds and fp32 accumulation are not
+    counted: on CUDA the fold is a Triton kernel working in place on the tile and
+    `torch.addmm(out_dtype=float32)` accumulates without copies, while the CPU fallbacks
+    make fp32 copies of whole tiles.
+    """
+    import trl.kernels.chunked_logprob as trl_kernel
     import trl.trainer.utils as trl_utils
 
     orig_enabled, orig_triton = torch.is_autocast_enabled, trl_utils._use_triton
+    orig_fns = {n: getattr(trl_kernel, n) for n in ("_forward_tile", "_backward_tile", "_addmm_fp32")}
 
     def enabled(device_type: str | None = None) -> bool:
         return orig_enabled("cpu") if device_type is None else orig_enabled(device_type)
 
+    def uncounted(fn):
+        def wrapper(*a, **kw):
+            track.ignoring += 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                track.ignoring -= 1
+        return wrapper
+
     torch.is_autocast_enabled = enabled
     trl_utils._use_triton = lambda device: True
+    if track is not None:
+        for n, fn in orig_fns.items():
+            setattr(trl_kernel, n, uncounted(fn))
     try:
         yield
     finally:
         torch.is_autocast_enabled, trl_utils._use_triton = orig_enabled, orig_triton
+        for n, fn in orig_fns.items():
+            setattr(trl_kernel, n, fn)
+
+
+def _weight_ptrs(model) -> set[int]:
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    for mod in model.modules():  # bitsandbytes quant states (absmax, code) are weights, not activations
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if qs is not None:
+            for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None),
+                      getattr(qs, "offset", None)):
+                if isinstance(t, torch.Tensor):
+                    ptrs.add(t.untyped_storage().data_ptr())
+    return ptrs
+
+
+def _label_layers(layers, where: list[str]) -> list:
+    """Forward hooks that keep `where[-1]` naming the decoder layer running ("L3"), else "other"."""
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: where.append(f"L{i}") and None))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: where.pop() and None))
+    return hooks
 
 
 def account_forward(model, batch: int, seq: int, vocab: int, backward: bool = True) -> Accounting:
     """Run one forward (bf16 autocast) and report the bytes it leaves alive for backward."""
     layers = model.get_base_model().model.layers
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    for mod in model.modules():  # bitsandbytes quant states (absmax, code) are weights, not activations
-        w = getattr(mod, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None),
-                      getattr(qs, "offset", None)):
-                if isinstance(t, torch.Tensor):
-                    params.add(t.untyped_storage().data_ptr())
+    params = _weight_ptrs(model)
     where = ["other"]
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: where.append(f"L{i}") and None))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: where.pop() and None))
+    hooks = _label_layers(layers, where)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     params.add(ids.untyped_storage().data_ptr())  # the batch itself is the caller's, not the step's
@@ -201,3 +241,145 @@ def account_forward(model, batch: int, seq: int, vocab: int, backward: bool = Tr
         for h in hooks:
             h.remove()
     return acc
+
+
+@dataclass
+class StepPeak:
+    """Live non-parameter bytes over one forward + backward, sampled after every aten op."""
+
+    peak: int = 0
+    peak_phase: str = ""
+    peak_op: str = ""
+    peak_by_origin: dict[str, int] = field(default_factory=dict)  # where the storages alive at the peak were made
+    peak_tensors: list[tuple[str, int, str]] = field(default_factory=list)  # (origin, bytes, op) alive at the peak
+    forward_end: int = 0  # alive when the forward returns: what is saved for backward (+ the loss)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    #: per span ("forward:L1", "backward:other", ...): (live bytes when it began, its peak)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: per span, at its peak: what its own storages were (bytes, op, dtype and shape); for reading
+    span_tensors: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+
+class _Live(TorchDispatchMode):
+    """Tracks every storage an aten op creates until it dies; records the running total's peak."""
+
+    def __init__(self, where: list[str], skip: set[int]):
+        super().__init__()
+        self.where, self.skip = where, skip
+        self.live: dict[int, tuple[StorageWeakRef, int, str, str]] = {}
+        self.total = 0
+        self.phase = "forward"
+        self.detail = False  # keep span_tensors (slow: a scan per op)
+        self._before = 0  # live bytes after the previous op: a new span starts from there
+        self.ignoring = 0  # > 0 inside code whose CUDA counterpart allocates nothing (see _gpu_semantics)
+        self.res = StepPeak()
+
+    def _sweep(self) -> None:
+        dead = [p for p, (r, *_) in self.live.items() if r.expired()]
+        for p in dead:
+            self.total -= self.live.pop(p)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.ignoring:
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                ptr, n = s.data_ptr(), s.nbytes()
+                if n == 0 or ptr in self.skip:
+                    continue
+                old = self.live.get(ptr)
+                if old is not None and not old[0].expired():
+                    continue  # a view of a storage already counted
+                if old is not None:
+                    self.total -= old[1]
+                self.live[ptr] = (StorageWeakRef(s), n, f"{self.phase}:{self.where[-1]}",
+                                  f"{func.__name__} {str(t.dtype)[6:]}{list(t.shape)}")
+                self.total += n
+        self._sweep()
+        key = f"{self.phase}:{self.where[-1]}"
+        self.res.phase_peaks[key] = max(self.res.phase_peaks.get(key, 0), self.total)
+        start, top = self.res.spans.get(key, (self._before, 0))
+        if self.total > top and self.detail:
+            self.res.span_tensors[key] = [(n, what) for _, n, o, what in self.live.values() if o == key]
+        self.res.spans[key] = (start, max(top, self.total))
+        self._before = self.total
+        if self.total > self.res.peak:
+            self.res.peak, self.res.peak_phase, self.res.peak_op = self.total, key, str(func)
+            by: dict[str, int] = {}
+            for _, n, origin, _ in self.live.values():
+                by[origin] = by.get(origin, 0) + n
+            self.res.peak_by_origin = by
+            self.res.peak_tensors = [(o, n, what) for _, n, o, what in self.live.values()]
+        return out
+
+
+def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | None = None,
+                 detail: bool = False) -> StepPeak:
+    """One forward + backward (bf16 autocast, the CUDA code path as in `account_forward`), and the
+    peak of live non-weight bytes between aten ops: saved activations, backward transients and
+    the LoRA gradients (alive throughout: this is a gradient-accumulation micro-step). Weights and
+    bitsandbytes quant states are excluded (static terms).
+
+    Not seen: memory an op uses internally and frees before returning (kernel workspaces).
+    Labels say where each storage was made: `forward:L3`, `backward:other`, ...
+    `vocab_chunk` shrinks trl's logits tile width (32768 columns whatever the vocabulary) so
+    that on a tiny model the head does not hide the decoder layers; the estimate must then be
+    evaluated with the same width (`activations.TRL_VOCAB_CHUNK`).
+    """
+    import trl.trainer.utils as trl_utils
+
+    if vocab_chunk is not None:
+        orig_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
+        try:
+            return account_step(model, batch, seq, vocab, detail=detail)
+        finally:
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = orig_chunk
+    layers = model.get_base_model().model.layers
+    for p in model.parameters():
+        p.grad = None
+    where = ["other"]
+    hooks = _label_layers(layers, where)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    # In backward, a layer's span starts when the gradient of its output arrives (a tensor hook on
+    # the output, registered in forward) and lasts until the next layer down starts.
+
+    def mark(i: int):
+        def fwd_hook(m, a, o):
+            h = o[0] if isinstance(o, tuple) else o
+            if torch.is_grad_enabled() and h.requires_grad and track_ref and track_ref[0].phase == "forward":
+                h.register_hook(lambda g: where.append(f"L{i}") and None)
+        return fwd_hook
+
+    track_ref: list = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(mark(i)))
+    # The first call may recast weights (bitsandbytes' fp32 biases to bf16): warm up, then count
+    # the second micro-batch of an accumulation, whose LoRA gradients exist from the start.
+    with _gpu_semantics(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True).loss.backward()
+    grads = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
+             for p in model.parameters() if p.grad is not None}
+    skip = _weight_ptrs(model) | set(grads) | {ids.untyped_storage().data_ptr(), mask.untyped_storage().data_ptr()}
+    track = _Live(where, skip)
+    track.total = track._before = sum(grads.values())
+    track.detail = detail
+    track_ref.append(track)
+    try:
+        with _gpu_semantics(track):
+            with track:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True).loss
+                track.res.forward_end = track.total
+                track.phase = "backward"
+                del where[1:]
+                loss.backward()
+                del loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return track.res

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tuiwiz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _accounting import account_forward, build_qlora, tiny_config  # noqa: E402
+from _accounting import account_forward, build_qlora, case_id, tiny_config  # noqa: E402
 
 from tuiwiz.models import spec_from_config  # noqa: E402
 from tuiwiz.planning import activations as act  # noqa: E402
@@ -52,13 +52,7 @@ CASES = [
 ]
 
 
-def _id(case) -> str:
-    fam, attn, gc, r, p, t, qb = case
-    tgt = t if isinstance(t, str) else "+".join(t)
-    return f"{fam}-{attn}-{'gc' if gc else 'nogc'}-r{r}-p{p}-{tgt}-{qb}bit"
-
-
-@pytest.fixture(scope="module", params=CASES, ids=_id)
+@pytest.fixture(scope="module", params=CASES, ids=case_id)
 def measured(request):
     fam, attn, gc, rank, dropout, targets, qb = request.param
     cfg = tiny_config(fam)
@@ -129,7 +123,7 @@ def _agreement_table() -> None:
         out_est = act.outside_saved_bytes(spec, knobs, BATCH, SEQ)
         e1, e2 = layer_est / layer_got - 1, out_est / acc.other - 1
         worst = max(worst, abs(e1), abs(e2))
-        print(f"{_id(case):45s} layer {layer_got:8d} est {layer_est:8d} ({e1:+.2%})  "
+        print(f"{case_id(case):45s} layer {layer_got:8d} est {layer_est:8d} ({e1:+.2%})  "
               f"outside {acc.other:7d} est {out_est:7d} ({e2:+.2%})")
     print(f"worst |error|: {worst:.2%}")
 

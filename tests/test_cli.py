@@ -35,6 +35,7 @@ def test_json_contract(capsys):
     assert {"weights", "lora", "gradients", "optimizer", "activations", "logits", "overhead"} == set(mem["breakdown_gib"])
     assert mem["fits"] is True and mem["peak_gib"] <= mem["budget_gib"]
     assert abs(sum(mem["breakdown_gib"].values()) - mem["peak_gib"]) < 0.01
+    assert mem["peak_at"] in ("layer", "head")
     assert isinstance(data["warnings"], list)
     assert data["plan"]["cutoff_len"] == 2048
 

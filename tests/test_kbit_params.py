@@ -96,3 +96,14 @@ def test_lora_adapters_are_bf16_after_the_trainer_cast_and_counted_exactly(prepa
     assert all(p.dtype == torch.bfloat16 for p in trainable)
     assert sum(p.numel() for p in trainable) == memory.lora_param_count(spec, knobs)
     assert memory.lora_weights_bytes(spec, knobs) == sum(p.numel() * p.element_size() for p in trainable)
+
+
+def test_worker_builds_gemma2_with_eager_attention_when_sdpa_is_asked():
+    """transformers refuses SDPA for Gemma 2; the builder must not pass it on (the plan and the
+    estimate assume eager)."""
+    from _accounting import saved_base
+
+    from tuiwiz.train.build import build_model
+
+    model = build_model(saved_base(tiny_config("gemma2", layers=1)), TrainingKnobs(attn="sdpa"), device="cpu")
+    assert model.config._attn_implementation == "eager"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuiwiz.models import resolve_model
+from tuiwiz.planning import activations as act
 from tuiwiz.planning.knobs import TrainingKnobs
 from tuiwiz.planning.memory import GROUPS, estimate_memory, quantized_weights_bytes
 
@@ -25,12 +26,34 @@ def test_estimate_is_monotone_in_batch_length_and_rank(ckpt):
         < peak(lora_rank=64, grad_checkpointing=ckpt)
 
 
-def test_logits_term_scales_with_vocab():
+def test_full_logits_scale_with_vocab():
     small = resolve_model("mistralai/Mistral-7B-v0.1")  # vocab 32000
     big = resolve_model("meta-llama/Meta-Llama-3-8B")  # same body, vocab 128256
     k = TrainingKnobs(loss="standard", cutoff_len=2048)
-    ratio = estimate_memory(big, k).term("logits").bytes / estimate_memory(small, k).term("logits").bytes
+    ratio = act.logits_bytes(big, k, 1, 2048) / act.logits_bytes(small, k, 1, 2048)
     assert 3.5 < ratio < 4.05  # ~128256/32000 minus the vocab-free hidden-state part
+    # a 128k vocabulary's full logits are where the step peaks
+    assert estimate_memory(big, k).term("logits").bytes == act.logits_bytes(big, k, 1, 2048)
+
+
+def test_peak_is_the_larger_phase_and_the_terms_shown_are_the_ones_alive_then():
+    k = TrainingKnobs(cutoff_len=4096, micro_batch_size=1, grad_checkpointing=True)
+    q = resolve_model("Qwen/Qwen2.5-7B")
+    est = estimate_memory(q, k)
+    layer_phase = act.busiest_layer_bytes(q, k, 1, 4096) + est.term("dequant_workspace").bytes
+    head_phase = act.head_work_bytes(q, k, 1, 4096)
+    assert layer_phase > head_phase  # 18944-wide fp32 MLP tensors outweigh one 4096 x 32768 tile
+    assert est.term("activations").bytes == act.kept_layer_bytes(q, k, 1, 4096) + act.busiest_layer_bytes(q, k, 1, 4096)
+    assert est.term("logits").bytes == act.outside_saved_bytes(q, k, 1, 4096)
+    # a short sequence on a narrow MLP: the head's fixed-size tiles are the larger, and no layer
+    # transient or dequantized weight is counted
+    g = resolve_model("google/gemma-2-2b")
+    short = k.replace(cutoff_len=256)
+    est = estimate_memory(g, short)
+    assert est.term("dequant_workspace").bytes == 0
+    assert est.term("activations").bytes == act.kept_layer_bytes(g, short, 1, 256)
+    assert est.term("logits").bytes == act.logits_bytes(g, short, 1, 256)
+    assert any("output head" in a for a in est.assumptions)
 
 
 def test_chunked_loss_is_far_smaller_than_full_logits_at_long_cutoff():

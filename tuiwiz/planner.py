@@ -92,6 +92,7 @@ class Plan:
                 "terms": [{"key": t.key, "label": t.label, "group": t.group, "gib": round(t.gib, 4), "why": t.why}
                           for t in est.terms],
                 "assumptions": list(est.assumptions),
+                "peak_at": est.peak_at,
             },
             "reasons": list(self.advice.reasons),
             "suggestions": list(self.advice.suggestions),
@@ -122,12 +123,26 @@ def catalog_specs() -> tuple[ModelSpec, ...]:
     return tuple(spec_from_config(e.config, e.hub_id, "catalog") for e in CATALOG)
 
 
+def _preset_card(name: str | None, memory_gib: float) -> str:
+    """The card a preset names, when the catalog knows it at that size; else a card of its size."""
+    from tuiwiz.hardware import catalog_gpu
+
+    if name:
+        try:
+            card = catalog_gpu(name)
+        except UserError:
+            card = None
+        if card is not None and not card.name.startswith("generic") and abs(card.memory_gib - memory_gib) < 0.05:
+            return name
+    return f"{memory_gib}GB"
+
+
 def request_from_preset(preset: Preset, **overrides: Any) -> PlanRequest:
     """A request that re-plans a preset: every knob in it is held fixed."""
     hw = preset.hardware
     fields = dict(
         model=preset.model.id, model_path=preset.model.path, tokenizer=preset.model.tokenizer,
-        dataset=preset.dataset, gpu=f"{hw.memory_gib}GB" if hw.indices is None else None,
+        dataset=preset.dataset, gpu=_preset_card(hw.gpu, hw.memory_gib) if hw.indices is None else None,
         gpu_indices=tuple(hw.indices) if hw.indices else None, gpu_count=hw.count, knobs=preset.training,
         fixed=frozenset(TrainingKnobs.model_fields), trust_remote_code=preset.model.trust_remote_code,
     )

@@ -21,7 +21,7 @@ def render_plan(plan: Plan, width: int = 80) -> str:
                  f"bf16 {'yes' if g.bf16 else 'no'}  ({src})")
     h = plan.hardware.host
     lines.append(f"Host    {h.cpu_cores} cores, RAM {h.ram_available_gib:.0f}/{h.ram_total_gib:.0f} GiB free")
-    lines.append(f"Model   {plan.spec.summary()}"[:width])
+    lines.append(_clip(f"Model   {plan.spec.summary()}", width))
     if plan.profile is not None:
         p = plan.profile.to_json()
         approx = " (approximate)" if p.get("approximate") else ""
@@ -46,9 +46,11 @@ def render_plan(plan: Plan, width: int = 80) -> str:
     lines.append(f"Memory per GPU (GiB)      peak {est.peak_gib:6.2f} / budget {a.budget_gib:.2f}  "
                  + ("FITS" if a.fits else "DOES NOT FIT"))
     for t in est.terms:
-        lines.append(f"  {t.label:<31}{t.bytes / GIB:7.2f}  {_bar(t.bytes / max(est.peak_bytes, 1), 12)}  "
-                     f"{t.why}"[:width])
+        lines.append(_clip(f"  {t.label:<31}{t.bytes / GIB:7.2f}  {_bar(t.bytes / max(est.peak_bytes, 1), 12)}  "
+                           f"{t.why}", width))
     lines.append(f"  {'allocated / reserved':<31}{est.allocated_gib:7.2f} / {est.reserved_gib:.2f}")
+    lines.append("  peak moment: " + ("inside a decoder layer (recompute, gradients)" if est.peak_at == "layer"
+                                      else "the output head's first backward tile"))
     if a.reasons:
         lines.append("")
         lines.append("Why")
@@ -65,6 +67,14 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         for w in warns:
             lines.extend(_wrap(w, width, "! ", "  "))
     return "\n".join(lines)
+
+
+def _clip(line: str, width: int) -> str:
+    """Fit a line to `width` columns, cutting at a word boundary with '...' (`--json` has the full text)."""
+    if len(line) <= width:
+        return line
+    cut = line.rfind(" ", 0, width - 2)
+    return line[: cut if cut > 0 else width - 3].rstrip(" ,;:") + "..."
 
 
 def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:

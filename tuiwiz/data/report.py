@@ -3,6 +3,7 @@ marked, and the longest samples; plus a rate-limited stderr progress printer."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import unicodedata
@@ -105,7 +106,7 @@ def cli_progress_printer(stream: TextIO | None = None, every: float = 0.5) -> Ca
     every `every` seconds (and never when stderr is not a terminal... unless forced by stream)."""
     out = stream or sys.stderr
     start = time.monotonic()
-    last = [0.0]
+    last = [-math.inf]  # the first call always prints (monotonic time can start near 0 after boot)
 
     def progress(done: int, total: int | None) -> None:
         now = time.monotonic()

@@ -22,13 +22,18 @@ models of each family and checks these formulas to within 2%. What that showed, 
 - trl's fused LM head keeps the scored tokens' final hidden states (a gathered copy), the
   int64 targets, the fp32 log-normaliser and the label mask; never `batch x seq x vocab`.
 
+`tests/test_step_peak.py` then follows the whole step (forward and backward) op by op: on top
+of what is kept, the busiest decoder layer adds two MLP-wide tensors (`layer_transient_bytes_per_token`),
+and the head's backward tiles (`head_work_bytes`) are freed before any layer's backward starts,
+so the step's peak is one or the other (`memory.estimate_memory` takes the larger).
+
 All functions return bytes for ONE micro-batch on one GPU. `tokens = micro_batch * seq_len`.
 """
 
 from __future__ import annotations
 
 from tuiwiz.models import ModelSpec
-from tuiwiz.planning.knobs import TrainingKnobs
+from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
 
 #: trl's chunked log-prob kernel tiles: TOKEN_CHUNK_SIZE x vocab chunk (trl/kernels/chunked_logprob.py).
 TRL_TOKEN_CHUNK = 4096
@@ -51,9 +56,7 @@ def compute_bytes(knobs: TrainingKnobs) -> int:
 
 def effective_attn(spec: ModelSpec, knobs: TrainingKnobs) -> str:
     """The attention the worker really gets: transformers refuses SDPA for Gemma 2."""
-    if spec.model_type == "gemma2" and knobs.attn == "sdpa":
-        return "eager"
-    return knobs.attn
+    return attn_for_model(spec.model_type, knobs.attn)
 
 
 def _norms_per_layer(spec: ModelSpec) -> int:
@@ -160,48 +163,104 @@ def saved_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len
     return layers + outside_saved_bytes(spec, knobs, micro_batch, seq_len)
 
 
-def layer_backward_workspace_per_token(spec: ModelSpec, knobs: TrainingKnobs) -> int:
-    """Transient gradients alive while one layer runs backward: the gradients of the MLP
-    intermediates (three tensors of width `intermediate` in the residual dtype) and of the
-    residual. Not measurable on CPU; `bench/memory_grid.py` checks it on a GPU."""
-    a = residual_bytes(knobs)
-    return 3 * a * spec.intermediate + 2 * a * spec.hidden
+def _eager_backward_moment_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: int) -> int:
+    """Alive from one layer when eager attention runs its softmax backward: the attention half of
+    what it saved (input norm, q and the head-expanded k and v, the fp32 probabilities, the LoRA
+    inputs of q/k/v), plus two fp32 `heads x seq` gradients (of the probabilities, and of the
+    softmax). The MLP's saved tensors and the probabilities' bf16 copy are freed by then."""
+    c, h = compute_bytes(knobs), spec.hidden
+    keep = 4 * h + RSQRT_BYTES + 3 * c * spec.q_dim + 4 * spec.heads * seq_len
+    keep += sum(_lora_saved(name, d_in, spec, knobs) for name, (d_in, _) in _targets(spec, knobs).items()
+                if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
+    return keep + 8 * spec.heads * seq_len
 
 
-def activation_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
-    """Peak activation memory of the decoder layers for one micro-batch.
+def layer_transient_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: int) -> int:
+    """Beyond what a decoder layer saves, what is alive at its busiest moment, per token.
 
-    Without checkpointing every layer's saved tensors live until backward reaches it. With it,
-    only each layer's output is kept, and one layer at a time is recomputed during backward.
-    Either way one layer's backward workspace sits on top at the peak. The head's share and
-    the rest kept outside the layers are in `logits_bytes`.
+    Measured op by op on CPU (`tests/test_step_peak.py`). The busiest moment is usually in the
+    MLP: in forward the gate x up product that feeds down_proj plus its LoRA-dropout copy, in
+    backward the gradients of the gate and up outputs; either way two tensors of the
+    intermediate width in the residual dtype, plus one bf16 hidden-width tensor. On a 16-bit
+    base the adapters are fp32, so the LoRA branch's inputs and gradients are fp32 too: measured
+    8 bytes per intermediate unit, 11.5 with dropout, taken as 8 and 12.
+
+    With eager attention at long sequences the softmax backward is the busier moment (see
+    `_eager_backward_moment_per_token`); the result is then relative to the layer's saved bytes.
     """
-    tokens = micro_batch * seq_len
-    per_layer = tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
-    work = tokens * layer_backward_workspace_per_token(spec, knobs)
-    if knobs.grad_checkpointing:
-        kept = spec.layers * tokens * checkpoint_bytes_per_token(spec, knobs) + per_layer
+    a, c = residual_bytes(knobs), compute_bytes(knobs)
+    i = spec.moe_intermediate * spec.experts_per_token if spec.is_moe else spec.intermediate
+    if knobs.quant_bits == 16:
+        mlp = (12 if knobs.lora_dropout > 0 else 8) * i
     else:
-        kept = spec.layers * per_layer + _mask_bytes(spec, knobs, micro_batch, seq_len)  # mask lives through forward
-    return kept + work
+        mlp = 2 * a * i + c * spec.hidden
+    if effective_attn(spec, knobs) == "eager":
+        eager = _eager_backward_moment_per_token(spec, knobs, seq_len) - layer_saved_bytes_per_token(spec, knobs, seq_len)
+        return max(mlp, eager)
+    return mlp
 
 
-def logits_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
-    """The output head and loss at their peak (the start of backward), plus what is kept outside
-    the decoder layers (`outside_saved_bytes`).
+def kept_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """What the decoder layers keep from forward until backward reaches them: every layer's
+    saved tensors, or with checkpointing only each layer's output (the next layer's input).
+    Without checkpointing eager's `b x s x s` mask lives through the step as well."""
+    tokens = micro_batch * seq_len
+    if knobs.grad_checkpointing:
+        return spec.layers * tokens * checkpoint_bytes_per_token(spec, knobs)
+    per_layer = tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
+    return spec.layers * per_layer + _mask_bytes(spec, knobs, micro_batch, seq_len)
 
-    chunked (trl's fused LM head): in backward, on top of what it saved, an fp32 gradient for
-    the scored hidden states, one `4096 x 32768` bf16 logits tile, the bf16 copy of one
-    32768-row slice of the head weight and of one 4096-token slice of the hidden states.
+
+def busiest_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int,
+                        matmul_moment: bool = False) -> int:
+    """One decoder layer at its busiest, on top of `kept_layer_bytes`: its transient tensors,
+    and with checkpointing also everything its recomputed forward saves (one layer at a time).
+
+    `matmul_moment`: the layer around a base matmul instead, where of the transients only the
+    matmul's intermediate-width input is alive (the dequantized weight, counted by the caller,
+    sits beside it)."""
+    tokens = micro_batch * seq_len
+    if matmul_moment:
+        i = spec.moe_intermediate * spec.experts_per_token if spec.is_moe else spec.intermediate
+        extra = tokens * residual_bytes(knobs) * i
+    else:
+        extra = tokens * layer_transient_bytes_per_token(spec, knobs, seq_len)
+    if knobs.grad_checkpointing:
+        extra += tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
+    return extra
+
+
+def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """The output head and loss at their busiest (the first tile of backward), beyond what is
+    kept outside the layers.
+
+    chunked (trl's fused LM head): an fp32 gradient for the scored hidden states, the bf16 tile
+    buffer, which trl allocates `min(tokens, 4096) x 32768` whatever the vocabulary, and on a
+    k-bit base (fp32 head and hidden states) the bf16 copies of one 32768-row slice of the head
+    weight and of one 4096-token slice of the hidden states. Measured exactly on CPU with the
+    CUDA path's in-place folds.
     standard: bf16 logits, the fp32 log-softmax saved by cross-entropy, and its fp32 gradient
     in and out: 14 bytes per logit, `batch x seq x vocab` of them.
     """
     tokens = micro_batch * seq_len
     c = compute_bytes(knobs)
-    kept = outside_saved_bytes(spec, knobs, micro_batch, seq_len)
     if knobs.loss == "chunked":
-        rows = min(tokens, TRL_TOKEN_CHUNK)
-        cols = min(spec.vocab, TRL_VOCAB_CHUNK)
-        work = rows * cols * c + cols * spec.hidden * c + rows * spec.hidden * c + tokens * spec.hidden * 4
-        return kept + work
-    return kept + tokens * spec.vocab * 14
+        scored = micro_batch * (seq_len - 1)
+        rows = min(scored, TRL_TOKEN_CHUNK)
+        total = rows * TRL_VOCAB_CHUNK * c + scored * spec.hidden * 4
+        if residual_bytes(knobs) != c:  # fp32 head and hidden states (k-bit base): cast copies per tile
+            total += min(spec.vocab, TRL_VOCAB_CHUNK) * spec.hidden * c + rows * spec.hidden * c
+        return total
+    return tokens * spec.vocab * 14
+
+
+def activation_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """Decoder-layer activations when the step peaks inside a layer: what the layers keep plus
+    one layer at its busiest. (When the head's work is bigger, the peak is at the head instead:
+    see `memory.estimate_memory`.)"""
+    return kept_layer_bytes(spec, knobs, micro_batch, seq_len) + busiest_layer_bytes(spec, knobs, micro_batch, seq_len)
+
+
+def logits_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """The head and loss at their busiest plus what is kept outside the decoder layers."""
+    return outside_saved_bytes(spec, knobs, micro_batch, seq_len) + head_work_bytes(spec, knobs, micro_batch, seq_len)

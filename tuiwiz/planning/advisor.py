@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from tuiwiz.models import ModelSpec
-from tuiwiz.planning.knobs import TrainingKnobs
+from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
 from tuiwiz.planning.memory import GIB, MemoryEstimate, estimate_memory
 
 DEFAULT_HEADROOM = 0.10
@@ -35,6 +35,13 @@ class Advice:
     reasons: tuple[str, ...]
     suggestions: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    #: The knob changes the advisor wanted but memory refused, most wanted first (e.g. a doubled
+    #: micro-batch). Empty when memory did not bind: the plan is as fast as the knobs allow.
+    held_back: tuple[str, ...] = field(default=())
+    #: The plan it would have chosen with a little more memory (None when nothing was held back).
+    #: A GPU check runs both: the plan must fit, and if this one also fits for real, the
+    #: estimate was conservative enough to cost speed.
+    step_up: TrainingKnobs | None = None
 
     @property
     def fits(self) -> bool:
@@ -109,6 +116,22 @@ def advise(
     if base.cutoff_len > spec.max_positions:
         warnings.append(f"cutoff {base.cutoff_len} exceeds the model's {spec.max_positions} positions")
 
+    runs_with = attn_for_model(spec.model_type, k.attn)
+    if runs_with != k.attn:
+        if "attn" in fixed:
+            warnings.append(f"{spec.id}: transformers has no {k.attn} attention for {spec.model_type}; "
+                            f"the run will use {runs_with} (the estimate assumes it)")
+        else:
+            k = k.replace(attn=runs_with)
+            reasons.append(f"attention {runs_with}: transformers has no SDPA for {spec.model_type}")
+    if spec.is_moe and k.lora_dropout > 0:
+        if "lora_dropout" in fixed:
+            warnings.append(f"LoRA dropout {k.lora_dropout} will fail on {spec.id}: peft's LoRA on fused MoE "
+                            "expert weights does not support dropout; use --lora-dropout 0")
+        else:
+            k = k.replace(lora_dropout=0.0)
+            reasons.append("LoRA dropout 0: peft's LoRA on fused MoE expert weights does not support dropout")
+
     if "lora_rank" not in fixed:
         k = k.replace(lora_rank=DEFAULT_RANK)
         reasons.append(f"LoRA {RANK_RULE}")
@@ -122,6 +145,8 @@ def advise(
     if "micro_batch_size" in fixed:
         cap = k.micro_batch_size
 
+    held_back: list[str] = []
+    step_up: TrainingKnobs | None = None
     # checkpointing: off when any micro-batch fits without it
     if "grad_checkpointing" not in fixed:
         if "micro_batch_size" in fixed:
@@ -130,6 +155,8 @@ def advise(
         else:
             use_ckpt = _largest_fitting_batch(spec, k.replace(grad_checkpointing=False), budget, cap, gpus) is None
         k = k.replace(grad_checkpointing=use_ckpt)
+        if use_ckpt:
+            held_back.append("gradient checkpointing off")
         reasons.append(
             f"gradient checkpointing on: needed to fit; costs {CHECKPOINTING_COST}" if use_ckpt
             else "gradient checkpointing off: the run fits without it, which saves about 30% compute"
@@ -141,6 +168,11 @@ def advise(
         if b:
             more = "" if b >= cap else f"; {b * 2} would not fit"
             reasons.append(f"micro-batch {b}: the largest power of two that fits{more}")
+        if (b or 1) < cap:
+            held_back.insert(0, f"micro-batch {(b or 1) * 2}")
+            step_up = k.replace(micro_batch_size=(b or 1) * 2)
+    if step_up is None and held_back:
+        step_up = k.replace(grad_checkpointing=False)
 
     if "grad_accum" not in fixed:
         accum = max(1, math.ceil(target_effective_batch / (k.micro_batch_size * gpus)))
@@ -155,7 +187,11 @@ def advise(
     suggestions: list[str] = []
     if est.peak_bytes > budget:
         suggestions = _what_would_fit(spec, k, budget, gpus, alternatives)
-    return Advice(k, est, budget, gpus, tuple(reasons), tuple(suggestions), tuple(warnings))
+    if step_up is not None and "grad_accum" not in fixed:
+        step_up = step_up.replace(grad_accum=max(1, math.ceil(target_effective_batch
+                                                              / (step_up.micro_batch_size * gpus))))
+    return Advice(k, est, budget, gpus, tuple(reasons), tuple(suggestions), tuple(warnings),
+                  tuple(held_back), step_up)
 
 
 def _what_would_fit(spec: ModelSpec, k: TrainingKnobs, budget: int, gpus: int,

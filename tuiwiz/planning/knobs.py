@@ -24,6 +24,18 @@ ALL_LINEAR_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 TargetModules = Union[Literal["attn", "all-linear"], list[str]]
 
+#: Architectures transformers 5.23 refuses to run with SDPA ("does not support an attention
+#: implementation through torch.nn.functional.scaled_dot_product_attention yet").
+NO_SDPA_MODEL_TYPES = frozenset({"gemma2"})
+
+
+def attn_for_model(model_type: str | None, attn: str) -> str:
+    """The attention a model of `model_type` really runs with when `attn` is asked for: eager
+    where transformers has no SDPA. Shared by the estimate, the advisor and the worker."""
+    if attn == "sdpa" and model_type in NO_SDPA_MODEL_TYPES:
+        return "eager"
+    return attn
+
 
 class TrainingKnobs(BaseModel):
     """Every knob a QLoRA run is planned and launched with.

@@ -56,6 +56,8 @@ class MemoryEstimate:
     peak_bytes: int  # ~ NVML used by this process: what decides OOM
     lora_params: int
     assumptions: tuple[str, ...] = field(default=())
+    #: where the step peaks: "layer" (a decoder layer's recompute/backward) or "head"
+    peak_at: str = "layer"
 
     @property
     def peak_gib(self) -> float:
@@ -169,12 +171,18 @@ def optimizer_state_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
 
 
 def dequant_workspace_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
-    """bitsandbytes dequantizes a 4/8-bit weight to the compute dtype for each matmul of many
-    tokens: one transient copy of the largest linear, plus its transpose in backward."""
+    """bitsandbytes dequantizes a 4/8-bit weight to the compute dtype for each matmul of a
+    base linear (forward, and again in backward for the input's gradient) and frees it right
+    after: one transient bf16 copy of the largest linear (the transpose is a view).
+
+    It is alive only around that matmul, when of the MLP's wide tensors only the matmul's
+    input is (measured on CPU), so `estimate_memory` counts it against the layer's transients,
+    not on top of them.
+    """
     if knobs.quant_bits == 16:
         return 0
     biggest = max(a * b for a, b in spec.linear_modules().values())
-    return 2 * 2 * biggest
+    return 2 * biggest
 
 
 def ddp_bucket_bytes(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> int:
@@ -185,26 +193,52 @@ def ddp_bucket_bytes(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> int:
 # ---- the estimate ----------------------------------------------------------------------
 
 def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1) -> MemoryEstimate:
-    """Peak memory of one training step on each GPU (data parallel: every GPU holds it all)."""
+    """Peak memory of one training step on each GPU (data parallel: every GPU holds it all).
+
+    The step peaks either inside a decoder layer (its recompute and gradients, with the
+    dequantized weight of a base matmul) or at the output head's first backward tile; the two
+    never coexist (measured op by op on CPU), so the estimate takes the larger and reports the
+    terms alive at that moment. What is kept through the whole step counts in both.
+    """
     b, s = knobs.micro_batch_size, knobs.cutoff_len
+    kept = act.kept_layer_bytes(spec, knobs, b, s)
+    busiest = act.busiest_layer_bytes(spec, knobs, b, s)
+    # the busiest layer moment is either its widest transients or a base matmul's dequantized
+    # weight beside that matmul's input (one intermediate-width tensor)
+    dequant = dequant_workspace_bytes(spec, knobs)
+    at_matmul = act.busiest_layer_bytes(spec, knobs, b, s, matmul_moment=True) + dequant
+    if at_matmul > busiest:
+        busiest = at_matmul - dequant
+    else:
+        dequant = 0
+    outside = act.outside_saved_bytes(spec, knobs, b, s)
+    head = act.head_work_bytes(spec, knobs, b, s)
+    at_layer = busiest + dequant >= head
+    where = ("peak inside a decoder layer (the head's tiles are freed by then)" if at_layer
+             else "peak at the output head's first backward tile (no layer transients then)")
+    # `why` texts are short enough for the 80-column table of `tuiwiz --auto`
+    if knobs.grad_checkpointing:
+        layers_why = "layer inputs + 1 layer" if at_layer else "checkpointed inputs"
+    else:
+        layers_why = "all layers + transients" if at_layer else "every layer's saved"
+    wdtype = "bf16" if lora_param_bytes(knobs) == 2 else "fp32"
     terms = [
         Term("quantized_weights", f"{knobs.quant_bits}-bit decoder weights", "weights",
-             quantized_weights_bytes(spec, knobs), "bitsandbytes storage of the blocks' linear layers"),
+             quantized_weights_bytes(spec, knobs),
+             {4: "NF4 + absmax constants", 8: "int8 + row scales"}.get(knobs.quant_bits, "16-bit")),
         Term("unquantized_weights", "embeddings, head, norms", "weights", unquantized_weights_bytes(spec, knobs),
-             "fp32 after k-bit preparation" if knobs.quant_bits != 16 else "16-bit"),
-        Term("lora_weights", "LoRA adapters", "lora", lora_weights_bytes(spec, knobs),
-             ("bf16" if lora_param_bytes(knobs) == 2 else "fp32") + " A and B per target"),
+             "fp32 after k-bit prep" if knobs.quant_bits != 16 else "16-bit"),
+        Term("lora_weights", "LoRA adapters", "lora", lora_weights_bytes(spec, knobs), f"{wdtype} A and B per target"),
         Term("lora_gradients", "LoRA gradients", "gradients", lora_gradients_bytes(spec, knobs) +
-             ddp_bucket_bytes(spec, knobs, gpus), ("bf16" if lora_param_bytes(knobs) == 2 else "fp32")
-             + (" + DDP buckets" if gpus > 1 else "")),
+             ddp_bucket_bytes(spec, knobs, gpus), wdtype + (" + DDP buckets" if gpus > 1 else "")),
         Term("optimizer_states", f"optimizer ({knobs.optim})", "optimizer", optimizer_state_bytes(spec, knobs),
-             "two AdamW moments per adapter weight"),
-        Term("activations", "activations", "activations", act.activation_bytes(spec, knobs, b, s),
-             "checkpointed layer inputs + one recomputed layer" if knobs.grad_checkpointing else "every layer"),
-        Term("dequant_workspace", "dequantized weight (transient)", "activations",
-             dequant_workspace_bytes(spec, knobs), "largest linear in compute dtype"),
-        Term("logits", "logits and loss", "logits", act.logits_bytes(spec, knobs, b, s),
-             "trl chunked log-probs" if knobs.loss == "chunked" else "full b x s x vocab logits"),
+             "2 AdamW moments/weight"),
+        Term("activations", "activations", "activations", kept + (busiest if at_layer else 0), layers_why),
+        Term("dequant_workspace", "dequantized weight (transient)", "activations", dequant if at_layer else 0,
+             "largest linear, bf16" if at_layer and dequant else "freed at this peak"),
+        Term("logits", "logits and loss", "logits", outside + (0 if at_layer else head),
+             ("full logits, fp32" if knobs.loss == "standard"
+              else "chunked; tiles freed" if at_layer else "chunked head's tiles")),
     ]
     allocated = sum(t.bytes for t in terms)
     slack = int(ALLOCATOR_SLACK * allocated)
@@ -218,7 +252,8 @@ def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1) -> Mem
         reserved_bytes=reserved,
         peak_bytes=peak,
         lora_params=lora_param_count(spec, knobs),
-        assumptions=_assumptions(spec, knobs, gpus),
+        assumptions=_assumptions(spec, knobs, gpus) + (where,),
+        peak_at="layer" if at_layer else "head",
     )
 
 

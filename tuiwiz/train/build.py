@@ -25,7 +25,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, Trainer
 from trl import SFTConfig, SFTTrainer
 
-from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs
+from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs, attn_for_model
 from tuiwiz.preset import Preset
 
 GC_KWARGS = {"use_reentrant": False}
@@ -59,18 +59,22 @@ def quantization_config(knobs: TrainingKnobs, dtype: torch.dtype) -> BitsAndByte
     return None
 
 
-def attn_implementation(knobs: TrainingKnobs, device: str) -> str:
+def attn_implementation(knobs: TrainingKnobs, device: str, model_type: str | None = None) -> str:
+    """What to ask transformers for: FlashAttention falls back to SDPA off the GPU, and SDPA to
+    eager for architectures transformers has no SDPA for (Gemma 2), as the estimate assumes."""
     if knobs.attn == "flash_attention_2" and not device.startswith("cuda"):
         return "sdpa"  # FlashAttention needs a GPU; the CPU test path falls back
-    return knobs.attn
+    return attn_for_model(model_type, knobs.attn)
 
 
 def random_checkpoint(config: PretrainedConfig | dict[str, Any], out_dir: str | os.PathLike[str],
-                      dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu") -> Path:
     """Write a randomly initialised model for `config` (no download) so it can be loaded like a real one.
 
     Weights are drawn N(0, 0.02) (norms = 1), straight from uninitialised storage, which is fast
     even for 8B models; loading it back through `build_model` takes the normal quantized path.
+    `device="cuda"` draws them on the GPU (seconds for a 14B model instead of minutes on CPU);
+    the weights are then copied to host memory one tensor at a time as they are saved.
     """
     out = Path(out_dir)
     if isinstance(config, dict):
@@ -79,8 +83,8 @@ def random_checkpoint(config: PretrainedConfig | dict[str, Any], out_dir: str | 
         config = AutoConfig.for_model(model_type, **cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
@@ -112,9 +116,10 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
     dtype = compute_dtype(knobs, device, hardware_bf16)
     qcfg = quantization_config(knobs, dtype)
     device_map: dict[str, Any] = {"": int(device.split(":")[1]) if device.startswith("cuda:") else device}
+    model_type = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code).model_type
     model = AutoModelForCausalLM.from_pretrained(
         str(source), quantization_config=qcfg, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation(knobs, device), trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation(knobs, device, model_type), trust_remote_code=trust_remote_code,
     )
     model.config.use_cache = False
     if qcfg is not None:

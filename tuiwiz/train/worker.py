@@ -207,7 +207,7 @@ class Worker:
                     "device": device, "compute_dtype": str(dtype).replace("torch.", ""),
                     "quantization": {4: "bnb nf4" + (" + double quant" if knobs.double_quant else ""),
                                      8: "bnb int8", 16: "none"}[knobs.quant_bits],
-                    "attn_implementation": build.attn_implementation(knobs, device),
+                    "attn_implementation": build.attn_implementation(knobs, device, model.config.model_type),
                     "lora_target_modules": build.lora_targets(knobs, model),
                     "loss": "trl fused lm head (chunked log-probs)" if knobs.loss == "chunked"
                             else "full logits (transformers Trainer.compute_loss)",
