@@ -250,14 +250,7 @@ class StepPeak:
     peak: int = 0
     peak_phase: str = ""
     peak_op: str = ""
-    peak_by_origin: dict[str, int] = field(default_factory=dict)  # where the storages alive at the peak were made
-    peak_tensors: list[tuple[str, int, str]] = field(default_factory=list)  # (origin, bytes, op) alive at the peak
     forward_end: int = 0  # alive when the forward returns: what is saved for backward (+ the loss)
-    phase_peaks: dict[str, int] = field(default_factory=dict)
-    #: per span ("forward:L1", "backward:other", ...): (live bytes when it began, its peak)
-    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: per span, at its peak: what its own storages were (bytes, op, dtype and shape); for reading
-    span_tensors: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
 
 class _Live(TorchDispatchMode):
@@ -266,16 +259,14 @@ class _Live(TorchDispatchMode):
     def __init__(self, where: list[str], skip: set[int]):
         super().__init__()
         self.where, self.skip = where, skip
-        self.live: dict[int, tuple[StorageWeakRef, int, str, str]] = {}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.total = 0
         self.phase = "forward"
-        self.detail = False  # keep span_tensors (slow: a scan per op)
-        self._before = 0  # live bytes after the previous op: a new span starts from there
         self.ignoring = 0  # > 0 inside code whose CUDA counterpart allocates nothing (see _gpu_semantics)
         self.res = StepPeak()
 
     def _sweep(self) -> None:
-        dead = [p for p, (r, *_) in self.live.items() if r.expired()]
+        dead = [p for p, (r, _) in self.live.items() if r.expired()]
         for p in dead:
             self.total -= self.live.pop(p)[1]
 
@@ -294,36 +285,23 @@ class _Live(TorchDispatchMode):
                     continue  # a view of a storage already counted
                 if old is not None:
                     self.total -= old[1]
-                self.live[ptr] = (StorageWeakRef(s), n, f"{self.phase}:{self.where[-1]}",
-                                  f"{func.__name__} {str(t.dtype)[6:]}{list(t.shape)}")
+                self.live[ptr] = (StorageWeakRef(s), n)
                 self.total += n
         self._sweep()
-        key = f"{self.phase}:{self.where[-1]}"
-        self.res.phase_peaks[key] = max(self.res.phase_peaks.get(key, 0), self.total)
-        start, top = self.res.spans.get(key, (self._before, 0))
-        if self.total > top and self.detail:
-            self.res.span_tensors[key] = [(n, what) for _, n, o, what in self.live.values() if o == key]
-        self.res.spans[key] = (start, max(top, self.total))
-        self._before = self.total
         if self.total > self.res.peak:
-            self.res.peak, self.res.peak_phase, self.res.peak_op = self.total, key, str(func)
-            by: dict[str, int] = {}
-            for _, n, origin, _ in self.live.values():
-                by[origin] = by.get(origin, 0) + n
-            self.res.peak_by_origin = by
-            self.res.peak_tensors = [(o, n, what) for _, n, o, what in self.live.values()]
+            self.res.peak, self.res.peak_op = self.total, str(func)
+            self.res.peak_phase = f"{self.phase}:{self.where[-1]}"
         return out
 
 
-def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | None = None,
-                 detail: bool = False) -> StepPeak:
+def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | None = None) -> StepPeak:
     """One forward + backward (bf16 autocast, the CUDA code path as in `account_forward`), and the
     peak of live non-weight bytes between aten ops: saved activations, backward transients and
     the LoRA gradients (alive throughout: this is a gradient-accumulation micro-step). Weights and
     bitsandbytes quant states are excluded (static terms).
 
     Not seen: memory an op uses internally and frees before returning (kernel workspaces).
-    Labels say where each storage was made: `forward:L3`, `backward:other`, ...
+    `peak_phase` says where the peak fell: `forward:L3`, `backward:L2`, `backward:other`, ...
     `vocab_chunk` shrinks trl's logits tile width (32768 columns whatever the vocabulary) so
     that on a tiny model the head does not hide the decoder layers; the estimate must then be
     evaluated with the same width (`activations.TRL_VOCAB_CHUNK`).
@@ -334,7 +312,7 @@ def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | Non
         orig_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
         try:
-            return account_step(model, batch, seq, vocab, detail=detail)
+            return account_step(model, batch, seq, vocab)
         finally:
             trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = orig_chunk
     layers = model.get_base_model().model.layers
@@ -345,8 +323,8 @@ def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | Non
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
-    # In backward, a layer's span starts when the gradient of its output arrives (a tensor hook on
-    # the output, registered in forward) and lasts until the next layer down starts.
+    # In backward, a layer's label holds from when the gradient of its output arrives (a tensor
+    # hook on the output, registered in forward) until the next layer down takes over.
 
     def mark(i: int):
         def fwd_hook(m, a, o):
@@ -366,8 +344,7 @@ def account_step(model, batch: int, seq: int, vocab: int, vocab_chunk: int | Non
              for p in model.parameters() if p.grad is not None}
     skip = _weight_ptrs(model) | set(grads) | {ids.untyped_storage().data_ptr(), mask.untyped_storage().data_ptr()}
     track = _Live(where, skip)
-    track.total = track._before = sum(grads.values())
-    track.detail = detail
+    track.total = sum(grads.values())
     track_ref.append(track)
     try:
         with _gpu_semantics(track):

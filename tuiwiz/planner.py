@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tuiwiz.errors import UserError
-from tuiwiz.hardware import GpuInfo, HardwareInventory, detect_hardware
+from tuiwiz.hardware import GpuInfo, HardwareInventory, catalog_gpu, detect_hardware
 from tuiwiz.model_catalog import CATALOG, DEFAULT_MODEL
 from tuiwiz.models import ModelSpec, resolve_model, spec_from_config
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM, Advice, advise, budget_bytes
@@ -125,8 +125,6 @@ def catalog_specs() -> tuple[ModelSpec, ...]:
 
 def _preset_card(name: str | None, memory_gib: float) -> str:
     """The card a preset names, when the catalog knows it at that size; else a card of its size."""
-    from tuiwiz.hardware import catalog_gpu
-
     if name:
         try:
             card = catalog_gpu(name)

@@ -63,6 +63,11 @@ def _norms_per_layer(spec: ModelSpec) -> int:
     return 4 if spec.model_type == "gemma2" else 2
 
 
+def _mlp_width(spec: ModelSpec) -> int:
+    """The MLP's intermediate width one token goes through (an MoE token: its experts' together)."""
+    return spec.moe_intermediate * spec.experts_per_token if spec.is_moe else spec.intermediate
+
+
 def _targets(spec: ModelSpec, knobs: TrainingKnobs) -> dict[str, tuple[int, int]]:
     t = knobs.target_modules if not isinstance(knobs.target_modules, list) else tuple(knobs.target_modules)
     return spec.resolve_targets(t)
@@ -188,8 +193,7 @@ def layer_transient_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_l
     With eager attention at long sequences the softmax backward is the busier moment (see
     `_eager_backward_moment_per_token`); the result is then relative to the layer's saved bytes.
     """
-    a, c = residual_bytes(knobs), compute_bytes(knobs)
-    i = spec.moe_intermediate * spec.experts_per_token if spec.is_moe else spec.intermediate
+    a, c, i = residual_bytes(knobs), compute_bytes(knobs), _mlp_width(spec)
     if knobs.quant_bits == 16:
         mlp = (12 if knobs.lora_dropout > 0 else 8) * i
     else:
@@ -211,23 +215,29 @@ def kept_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, se
     return spec.layers * per_layer + _mask_bytes(spec, knobs, micro_batch, seq_len)
 
 
-def busiest_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int,
-                        matmul_moment: bool = False) -> int:
-    """One decoder layer at its busiest, on top of `kept_layer_bytes`: its transient tensors,
-    and with checkpointing also everything its recomputed forward saves (one layer at a time).
-
-    `matmul_moment`: the layer around a base matmul instead, where of the transients only the
-    matmul's intermediate-width input is alive (the dequantized weight, counted by the caller,
-    sits beside it)."""
+def _recomputed_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """With checkpointing, what one recomputed layer saves again during backward (else 0: the
+    layer's saved tensors are already in `kept_layer_bytes`)."""
+    if not knobs.grad_checkpointing:
+        return 0
     tokens = micro_batch * seq_len
-    if matmul_moment:
-        i = spec.moe_intermediate * spec.experts_per_token if spec.is_moe else spec.intermediate
-        extra = tokens * residual_bytes(knobs) * i
-    else:
-        extra = tokens * layer_transient_bytes_per_token(spec, knobs, seq_len)
-    if knobs.grad_checkpointing:
-        extra += tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
-    return extra
+    return tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
+
+
+def busiest_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """One decoder layer at its busiest, on top of `kept_layer_bytes`: its transient tensors,
+    and with checkpointing also everything its recomputed forward saves (one layer at a time)."""
+    tokens = micro_batch * seq_len
+    return (tokens * layer_transient_bytes_per_token(spec, knobs, seq_len)
+            + _recomputed_layer_bytes(spec, knobs, micro_batch, seq_len))
+
+
+def base_matmul_moment_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """The same layer around a base matmul instead, where of the transients only the matmul's
+    intermediate-width input is alive; the dequantized weight (`memory.dequant_workspace_bytes`)
+    sits beside it and is not counted here."""
+    tokens = micro_batch * seq_len
+    return tokens * residual_bytes(knobs) * _mlp_width(spec) + _recomputed_layer_bytes(spec, knobs, micro_batch, seq_len)
 
 
 def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:

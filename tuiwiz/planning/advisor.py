@@ -61,6 +61,11 @@ def budget_bytes(free_gib: float, headroom: float = DEFAULT_HEADROOM) -> int:
     return int(free_gib * (1.0 - headroom) * GIB)
 
 
+def _accum_for(target_effective_batch: int, micro_batch: int, gpus: int) -> int:
+    """Accumulation steps that reach the target effective batch."""
+    return max(1, math.ceil(target_effective_batch / (micro_batch * gpus)))
+
+
 def _pow2_up_to(n: int) -> list[int]:
     out, b = [], 1
     while b <= max(1, n):
@@ -175,7 +180,7 @@ def advise(
         step_up = k.replace(grad_checkpointing=False)
 
     if "grad_accum" not in fixed:
-        accum = max(1, math.ceil(target_effective_batch / (k.micro_batch_size * gpus)))
+        accum = _accum_for(target_effective_batch, k.micro_batch_size, gpus)
         k = k.replace(grad_accum=accum)
         reasons.append(
             f"gradient accumulation {accum}: {k.micro_batch_size} x {accum}"
@@ -188,8 +193,7 @@ def advise(
     if est.peak_bytes > budget:
         suggestions = _what_would_fit(spec, k, budget, gpus, alternatives)
     if step_up is not None and "grad_accum" not in fixed:
-        step_up = step_up.replace(grad_accum=max(1, math.ceil(target_effective_batch
-                                                              / (step_up.micro_batch_size * gpus))))
+        step_up = step_up.replace(grad_accum=_accum_for(target_effective_batch, step_up.micro_batch_size, gpus))
     return Advice(k, est, budget, gpus, tuple(reasons), tuple(suggestions), tuple(warnings),
                   tuple(held_back), step_up)
 

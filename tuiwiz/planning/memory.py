@@ -202,13 +202,13 @@ def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1) -> Mem
     """
     b, s = knobs.micro_batch_size, knobs.cutoff_len
     kept = act.kept_layer_bytes(spec, knobs, b, s)
+    # the busiest layer moment: its widest transients, or a base matmul's dequantized weight
+    # beside that matmul's input, whichever is larger
     busiest = act.busiest_layer_bytes(spec, knobs, b, s)
-    # the busiest layer moment is either its widest transients or a base matmul's dequantized
-    # weight beside that matmul's input (one intermediate-width tensor)
+    at_matmul = act.base_matmul_moment_bytes(spec, knobs, b, s)
     dequant = dequant_workspace_bytes(spec, knobs)
-    at_matmul = act.busiest_layer_bytes(spec, knobs, b, s, matmul_moment=True) + dequant
-    if at_matmul > busiest:
-        busiest = at_matmul - dequant
+    if at_matmul + dequant > busiest:
+        busiest = at_matmul
     else:
         dequant = 0
     outside = act.outside_saved_bytes(spec, knobs, b, s)

@@ -116,10 +116,10 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
     dtype = compute_dtype(knobs, device, hardware_bf16)
     qcfg = quantization_config(knobs, dtype)
     device_map: dict[str, Any] = {"": int(device.split(":")[1]) if device.startswith("cuda:") else device}
-    model_type = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code).model_type
+    config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)  # read once, passed on
     model = AutoModelForCausalLM.from_pretrained(
-        str(source), quantization_config=qcfg, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation(knobs, device, model_type), trust_remote_code=trust_remote_code,
+        str(source), config=config, quantization_config=qcfg, dtype=dtype, device_map=device_map,
+        attn_implementation=attn_implementation(knobs, device, config.model_type), trust_remote_code=trust_remote_code,
     )
     model.config.use_cache = False
     if qcfg is not None:
