@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from tuiwiz import __version__
-from tuiwiz.errors import UserError
+from tuiwiz.errors import Clobber, UserError
 
 RUN_COMMANDS = ("launch", "runs", "attach", "stop", "resume")
 EXIT_FITS, EXIT_USAGE, EXIT_NO_FIT = 0, 2, 3
@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.auto:
             return run_auto(args)
         return run_tui(args)
+    except Clobber as e:
+        print(f"tuiwiz: {e.path} already exists; pass --force to overwrite it.", file=sys.stderr)
+        return EXIT_USAGE
     except UserError as e:
         print(f"tuiwiz: {e}", file=sys.stderr)
         return EXIT_USAGE

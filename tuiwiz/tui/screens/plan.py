@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 from textual.widgets.select import NoSelection
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import Clobber, UserError
 from tuiwiz.tui.render import memory_legend, memory_stack
 from tuiwiz.tui.screens.base import WizardScreen
 from tuiwiz.tui.screens.hardware import short_name
@@ -219,14 +219,15 @@ class PlanScreen(WizardScreen):
             return
         try:
             path = write_export(self.state.plan, choice, force=force)
-        except UserError as e:
-            if "already exists" in str(e) and not force:
+        except Clobber:
+            if not force:
                 def confirm(yes: bool | None) -> None:
                     if yes:
                         self._export_chosen(choice, force=True)
 
                 self.app.push_screen(ConfirmScreen(f"{choice.path} already exists. Overwrite it?"), confirm)
-                return
+            return
+        except UserError as e:
             self.wizard.show_error(str(e), "Export failed")
             return
         self.notify(f"wrote {path}")
