@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuiwiz.planner import PlanRequest, make_plan
+from tuiwiz.planner import PlanRequest, plan_request
 from tuiwiz.planning.knobs import TrainingKnobs
 from tuiwiz.preset import preset_to_yaml
 
@@ -30,7 +30,7 @@ SHIPPED = (
 
 def render(name: str, model: str, gpu: str, cutoff: int, description: str) -> str:
     req = PlanRequest(model=model, gpu=gpu, knobs=TrainingKnobs(cutoff_len=cutoff), fixed=frozenset({"cutoff_len"}))
-    plan = make_plan(req)
+    plan = plan_request(req)
     preset = plan.to_preset(name=name).model_copy(update={"description": description})
     return preset_to_yaml(preset)
 

@@ -47,14 +47,6 @@ def test_every_choice_has_a_reason():
         assert word in text
 
 
-def test_when_nothing_fits_it_says_what_would():
-    big = resolve_model("Qwen/Qwen2.5-14B")
-    a = advise(big, TrainingKnobs(cutoff_len=32768), budget_bytes(24), alternatives=catalog_specs())
-    assert not a.fits
-    joined = " | ".join(a.suggestions)
-    assert "shorter cutoff" in joined and "smaller model" in joined and "GPU with at least" in joined
-
-
 def test_smaller_plan_keeps_effective_batch_then_enables_checkpointing():
     k = TrainingKnobs(micro_batch_size=4, grad_accum=4, grad_checkpointing=False)
     s = smaller_plan(k)
@@ -109,4 +101,4 @@ def test_moe_plans_have_no_lora_dropout_which_peft_refuses_on_fused_experts():
     a = advise(moe, TrainingKnobs(cutoff_len=1024), budget_bytes(80))
     assert a.knobs.lora_dropout == 0.0 and any("dropout" in r for r in a.reasons)
     held = advise(moe, TrainingKnobs(cutoff_len=1024, lora_dropout=0.1), budget_bytes(80), fixed={"lora_dropout"})
-    assert held.knobs.lora_dropout == 0.1 and any("--lora-dropout 0" in w for w in held.warnings)
+    assert held.knobs.lora_dropout == 0.1 and any("LoRA dropout to 0" in w for w in held.warnings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import Clobber, UserError
 from tuiwiz.preset import HardwareRef, ModelRef, Preset, load_preset, save_preset
 
 
@@ -21,8 +21,9 @@ def test_round_trip_preserves_every_field(tmp_path):
 def test_refuses_to_overwrite_without_force(tmp_path):
     path = tmp_path / "a.yaml"
     path.write_text("mine\n")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(Clobber) as e:
         save_preset(_preset(), path)
+    assert e.value.path == path
     assert path.read_text() == "mine\n"
     save_preset(_preset(), path, force=True)
     assert load_preset(path).model.id == "Qwen/Qwen2.5-7B"

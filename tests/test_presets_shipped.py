@@ -37,20 +37,20 @@ def test_gpu_names_win_over_sizes():
 
 @pytest.mark.parametrize("row", make_presets.SHIPPED[:2], ids=[r[0] for r in make_presets.SHIPPED[:2]])
 def test_replanning_a_preset_keeps_its_card_and_its_plan(row):
-    from tuiwiz.planner import make_plan, request_from_preset
+    from tuiwiz.planner import plan_request, request_from_preset
 
     preset = load_preset(PRESETS / f"{row[0]}.yaml")
-    plan = make_plan(request_from_preset(preset))
+    plan = plan_request(request_from_preset(preset))
     assert plan.gpus[0].name == preset.hardware.gpu  # not "generic 23.99GB GPU"
     assert plan.knobs == preset.training
 
 
 def test_a_preset_for_an_unknown_card_replans_for_its_size(tmp_path):
-    from tuiwiz.planner import make_plan, request_from_preset
+    from tuiwiz.planner import plan_request, request_from_preset
 
     text = (PRESETS / f"{make_presets.SHIPPED[0][0]}.yaml").read_text()
     preset = load_preset(PRESETS / f"{make_presets.SHIPPED[0][0]}.yaml")
     edited = tmp_path / "p.yaml"
     edited.write_text(text.replace(f"gpu: {preset.hardware.gpu}", "gpu: NVIDIA RTX A5000"))
-    plan = make_plan(request_from_preset(load_preset(edited)))
+    plan = plan_request(request_from_preset(load_preset(edited)))
     assert plan.gpus[0].name.startswith("generic") and abs(plan.gpus[0].total_gib - preset.hardware.memory_gib) < 0.01

@@ -20,26 +20,26 @@ RUN_COMMANDS = ("launch", "runs", "attach", "stop", "resume")
 EXIT_FITS, EXIT_USAGE, EXIT_NO_FIT = 0, 2, 3
 
 
+#: Cutoff percentiles the profiler accepts (the help and the check say the same).
+PERCENTILES = (95.0, 99.0)
+
+
+class UsageError(UserError):
+    """Flags that contradict each other."""
+
+
+def render_error(e: UserError) -> str:
+    """A core error in the CLI's words: fields become the flags the user typed."""
+    from tuiwiz.planner import flag_for
+
+    if isinstance(e, Clobber):
+        return f"{e.path} already exists; pass --force to overwrite it."
+    return e.render(flag_for)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _on_off(v: str) -> bool:
-    if v.lower() in ("on", "true", "yes", "1"):
-        return True
-    if v.lower() in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
-
-
-def _targets(v: str) -> str | list[str]:
-    if v in ("attn", "all-linear"):
-        return v
-    names = [x.strip() for x in v.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give attn, all-linear or a comma-separated list of module names")
-    return names
 
 
 def _gpu_list(v: str) -> tuple[int, ...]:
@@ -48,8 +48,47 @@ def _gpu_list(v: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1, got {v!r}") from None
     if not out or any(i < 0 for i in out):
-        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1, got {v!r}")
+        raise argparse.ArgumentTypeError(f"expected GPU indices (0 or more) like 0,1, got {v!r}")
     return out
+
+
+def _knob_type(name: str):
+    """The argparse type of a knob flag: the registry's parser, with its message on failure."""
+    from tuiwiz.errors import BadValue
+    from tuiwiz.planning.knobs import parse_knob
+
+    def parse(text: str) -> object:
+        try:
+            return parse_knob(name, text)
+        except BadValue as e:
+            raise argparse.ArgumentTypeError(f"{e.why} (got {text!r})") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _knob_metavar(info) -> str:
+    if info.kind == "switch":
+        return "on|off"
+    if info.kind == "choice":
+        joined = "|".join(map(str, info.choices))
+        return joined if len(joined) <= 20 else "NAME"
+    if info.kind == "targets":
+        return "attn|all-linear|LIST"
+    return "N" if info.kind == "int" else "X"
+
+
+def _add_knob_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per TrainingKnobs field, generated from its metadata (tuiwiz.planning.knobs.KNOBS)."""
+    from tuiwiz.planning.knobs import KNOBS
+
+    for info in KNOBS:
+        more = [f"one of {', '.join(map(str, info.choices))}"] if _knob_metavar(info) == "NAME" else []
+        if info.optional:
+            more.append("none: unset")
+        text = info.help + (f" ({'; '.join(more)})" if more else "")
+        group.add_argument(info.flag, dest=info.name, type=_knob_type(info.name), metavar=_knob_metavar(info),
+                           help=text.replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,27 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", help="JSON/JSONL/CSV/Parquet file or a saved datasets folder")
     g.add_argument("--layout", help="alpaca | sharegpt | messages | prompt_completion | text (default: detect)")
     g.add_argument("--sample", type=int, metavar="N", help="profile a uniform random sample of N rows")
-    g.add_argument("--percentile", type=float, default=99.0, help="cutoff percentile, 95-99 (default 99)")
+    g.add_argument("--percentile", type=float, default=99.0,
+                   help=f"cutoff percentile, {PERCENTILES[0]:g}-{PERCENTILES[1]:g} (default 99)")
     g.add_argument("--strict", action="store_true", help="fail on the first malformed row instead of skipping")
     g.add_argument("--gpu", help="plan for a catalog card (4090, A100-80GB, H100...) or a size (24GB); 'auto' detects")
     g.add_argument("--gpus", type=_gpu_list, metavar="LIST", help="GPU indices to use on this machine, e.g. 0,1")
     g.add_argument("--preset", help="start from a preset file (its knobs are held fixed)")
     k = p.add_argument_group("training knobs (any you give is held fixed; the advisor chooses the rest)")
-    k.add_argument("--cutoff-len", type=int, metavar="N")
-    k.add_argument("--micro-batch", type=int, metavar="B", dest="micro_batch_size")
-    k.add_argument("--grad-accum", type=int, metavar="K")
+    _add_knob_flags(k)
     k.add_argument("--effective-batch", type=int, metavar="E", help="target effective batch (default 16)")
-    k.add_argument("--lora-rank", type=int, metavar="R")
-    k.add_argument("--lora-alpha", type=int, metavar="A")
-    k.add_argument("--target-modules", type=_targets, metavar="attn|all-linear|LIST")
-    k.add_argument("--grad-checkpointing", type=_on_off, metavar="on|off")
-    k.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"])
-    k.add_argument("--optim", choices=["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"])
-    k.add_argument("--quant", type=int, choices=[4, 8, 16], dest="quant_bits")
-    k.add_argument("--loss", choices=["chunked", "standard"], help="chunked: trl's fused log-probs (default)")
-    k.add_argument("--packing", type=_on_off, metavar="on|off")
-    k.add_argument("--epochs", type=float)
-    k.add_argument("--lr", type=float, dest="learning_rate")
     k.add_argument("--headroom", type=float, default=None, help="fraction of free memory kept spare (default 0.1)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="write the plan as a preset (or --export format) to this file")
@@ -99,49 +126,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-KNOB_FLAGS = ("cutoff_len", "micro_batch_size", "grad_accum", "lora_rank", "lora_alpha", "target_modules",
-              "grad_checkpointing", "attn", "optim", "quant_bits", "loss", "packing", "epochs", "learning_rate")
+def _model_changes(ref: str) -> dict[str, object]:
+    """A local model folder (or config.json) keeps its path; anything else is a hub id."""
+    from pathlib import Path
+
+    from tuiwiz.errors import BadValue
+
+    if not ref.strip():
+        raise BadValue("model", ref, "is empty; give a hub id or a model folder")
+    if Path(ref).expanduser().exists():
+        return {"model": Path(ref).expanduser().resolve().name, "model_path": str(Path(ref).expanduser().resolve())}
+    return {"model": ref, "model_path": None}
 
 
 def request_from_args(args: argparse.Namespace):
     """Turn parsed flags (and an optional preset) into a PlanRequest. Flags beat the preset."""
-    from pydantic import ValidationError
-
     from tuiwiz.data_ref import dataset_ref_from_args
+    from tuiwiz.errors import BadValue
     from tuiwiz.planner import PlanRequest, request_from_preset
-    from tuiwiz.planning.knobs import TrainingKnobs
+    from tuiwiz.planning.knobs import KNOBS, knobs_from
     from tuiwiz.preset import load_preset
 
-    given = {name: getattr(args, name) for name in KNOB_FLAGS if getattr(args, name) is not None}
-    if args.preset:
-        preset = load_preset(args.preset)
-        req = request_from_preset(preset)
-        base = req.knobs.model_dump()
-    else:
-        preset = None
-        req = PlanRequest()
-        base = TrainingKnobs().model_dump()
-    try:
-        knobs = TrainingKnobs.model_validate({**base, **given})
-    except ValidationError as err:
-        e = err.errors()[0]
-        flag = "--" + str(e["loc"][0]).replace("_", "-")
-        raise UserError(f"{flag}: {e['msg']} (got {e.get('input')!r}).") from None
-    changes = dict(knobs=knobs, fixed=req.fixed | frozenset(given))
-    if args.model:
-        changes.update(model=args.model, model_path=None)
+    given = {k.name: getattr(args, k.name) for k in KNOBS if getattr(args, k.name) is not None}
+    if args.gpu and args.gpus:
+        raise UsageError("--gpu (plan for a catalog card) and --gpus (use this machine's GPUs) do not go "
+                         "together; give one.")
+    preset = load_preset(args.preset) if args.preset else None
+    req = request_from_preset(preset) if preset is not None else PlanRequest()
+    knobs = knobs_from({**req.knobs.model_dump(), **given})
+    changes: dict[str, object] = dict(knobs=knobs, fixed=req.fixed | frozenset(given))
+    if args.model is not None:
+        changes.update(_model_changes(args.model))
     if args.tokenizer:
         changes["tokenizer"] = args.tokenizer
     if args.dataset or args.layout:
         changes["dataset"] = dataset_ref_from_args(args.dataset, args.layout, req.dataset)
-    elif preset is None and not args.model and not args.gpu and not args.cutoff_len:
+    elif preset is None and args.model is None and not args.gpu and not args.cutoff_len:
         changes["dataset"] = dataset_ref_from_args(None, None, None)  # the bundled demo
     if args.gpu:
-        changes["gpu"] = args.gpu
-        changes["gpu_indices"] = None
+        changes.update(gpu=args.gpu, gpu_indices=None)
     if args.gpus:
-        changes["gpu_indices"] = args.gpus
-        changes["gpu"] = None
+        changes.update(gpu_indices=args.gpus, gpu=None, gpu_count=len(args.gpus))
     if args.effective_batch is not None:
         changes["effective_batch"] = args.effective_batch
         changes["fixed"] = changes["fixed"] | {"effective_batch"}
@@ -149,10 +174,10 @@ def request_from_args(args: argparse.Namespace):
         changes["headroom"] = args.headroom
     if args.sample is not None:
         if args.sample < 1:
-            raise UserError("--sample must be a positive number of rows.")
+            raise BadValue("sample", args.sample, "must be a positive number of rows")
         changes["sample"] = args.sample
-    if not 95 <= args.percentile <= 99.9:
-        raise UserError(f"--percentile must be between 95 and 99.9, got {args.percentile}.")
+    if not PERCENTILES[0] <= args.percentile <= PERCENTILES[1]:
+        raise BadValue("percentile", args.percentile, f"must be between {PERCENTILES[0]:g} and {PERCENTILES[1]:g}")
     changes.update(percentile=args.percentile, strict=args.strict)
     if args.trust_remote_code:
         changes["trust_remote_code"] = True
@@ -172,7 +197,7 @@ def _list_gpus() -> str:
 
 
 def run_auto(args: argparse.Namespace) -> int:
-    from tuiwiz.planner import make_plan
+    from tuiwiz.planner import plan_request
     from tuiwiz.report import render_plan
 
     req = request_from_args(args)
@@ -181,7 +206,7 @@ def run_auto(args: argparse.Namespace) -> int:
         from tuiwiz.data import cli_progress_printer
 
         progress = cli_progress_printer()
-    plan = make_plan(req, progress=progress)
+    plan = plan_request(req, progress=progress)
     if args.out:
         _write_output(plan, args)
     if args.json:
@@ -238,11 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.auto:
             return run_auto(args)
         return run_tui(args)
-    except Clobber as e:
-        print(f"tuiwiz: {e.path} already exists; pass --force to overwrite it.", file=sys.stderr)
-        return EXIT_USAGE
     except UserError as e:
-        print(f"tuiwiz: {e}", file=sys.stderr)
+        print(f"tuiwiz: {render_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tuiwiz: interrupted", file=sys.stderr)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import BadValue
 
 GIB = 1024**3
 
@@ -56,18 +56,9 @@ class HardwareInventory:
         missing = [i for i in indices if i not in by_index]
         if missing:
             have = ", ".join(str(g.index) for g in self.gpus) or "none"
-            raise UserError(f"--gpus: no GPU with index {', '.join(map(str, missing))} (this machine has: {have}).")
+            raise BadValue("gpus", ",".join(map(str, indices)),
+                           f"no GPU with index {', '.join(map(str, missing))} here (this machine has: {have})")
         return tuple(by_index[i] for i in indices)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "note": self.note,
-            "driver_version": self.driver_version,
-            "cuda_version": self.cuda_version,
-            "gpus": [asdict(g) for g in self.gpus],
-            "host": asdict(self.host),
-        }
 
 
 @dataclass(frozen=True)
@@ -118,10 +109,10 @@ def catalog_gpu(name: str) -> CatalogGpu:
     if m:
         gib = float(m.group(1))
         if not 1 <= gib <= 1024:
-            raise UserError(f"--gpu {name}: memory size must be between 1 and 1024 GB (e.g. --gpu 24GB).")
+            raise BadValue("gpu", name, "a memory size must be between 1 and 1024 GB, such as 24GB")
         return CatalogGpu(f"generic {gib:g}GB GPU", round(gib), int(gib * 1024), True)
     known = ", ".join(g.name for g in GPU_CATALOG)
-    raise UserError(f"--gpu {name}: unknown card. Known: {known}; or give a size such as --gpu 24GB.")
+    raise BadValue("gpu", name, f"unknown card; known: {known}; or give a size such as 24GB")
 
 
 def gpus_from_catalog(card: CatalogGpu, count: int = 1) -> tuple[GpuInfo, ...]:
@@ -237,9 +228,9 @@ def detect_hardware(gpu: str | None = None, gpu_count: int = 1, disk_path: str |
         card = catalog_gpu(DEFAULT_CATALOG_GPU)
         return HardwareInventory(gpus_from_catalog(card, gpu_count), host, "catalog",
                                  note=nvml_unavailable_reason(exc) + f" Using {card.name} ({card.published_gb} GB); "
-                                 "pick another with --gpu NAME or --gpu 24GB.")
+                                 "name another card or a size (24GB) to plan for.")
     if not gpus:
         card = catalog_gpu(DEFAULT_CATALOG_GPU)
         return HardwareInventory(gpus_from_catalog(card, gpu_count), host, "catalog",
-                                 note=f"NVML reports no GPUs: planning for {card.name}; pick another with --gpu.")
+                                 note=f"NVML reports no GPUs: planning for {card.name}; name another card to plan for.")
     return HardwareInventory(gpus, host, "nvml", driver, cuda)

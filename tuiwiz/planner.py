@@ -1,22 +1,32 @@
-"""One call from user inputs to a whole plan: hardware, model, dataset profile, advice.
+"""From user inputs to a whole plan, in two calls: read (I/O), then plan (pure).
 
-Shared by `tuiwiz --auto`, the TUI and preset regeneration, so every front end plans the
-same way. Pure planning: no torch, no Textual, no network.
+`read_inputs` / `profile_for` do the I/O: hardware, the model's config, the tokenizer and the
+dataset profile. `make_plan(request, hardware, spec, profile)` is a pure function of what was
+read. `tuiwiz --auto`, the TUI and preset regeneration call the same two, so every front end
+plans the same way. No torch, no Textual, no network.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from tuiwiz.errors import UserError
-from tuiwiz.hardware import GpuInfo, HardwareInventory, catalog_gpu, detect_hardware
+from pathlib import Path
+
+from tuiwiz.errors import BadValue, UserError
+from tuiwiz.hardware import GpuInfo, HardwareInventory, catalog_gpu, detect_hardware, gpus_from_catalog
 from tuiwiz.model_catalog import CATALOG, DEFAULT_MODEL
 from tuiwiz.models import ModelSpec, resolve_model, spec_from_config
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM, Advice, advise, budget_bytes
-from tuiwiz.planning.knobs import TrainingKnobs
+from tuiwiz.planning.memory import GIB, estimate_memory
+from tuiwiz.planning.knobs import KNOB_BY_NAME, TrainingKnobs, format_knob
 from tuiwiz.preset import DatasetRef, EstimateInfo, HardwareRef, ModelRef, Preset
+
+if TYPE_CHECKING:
+    from tuiwiz.data import CountingTokenizer, LengthProfile
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,30 @@ class PlanRequest:
     trust_remote_code: bool = False
 
 
+#: Request fields that are not knobs, and the flag each has (knob flags live on the knobs).
+REQUEST_FLAGS: dict[str, str] = {
+    "model": "--model", "tokenizer": "--tokenizer", "dataset": "--dataset", "layout": "--layout",
+    "gpu": "--gpu", "gpus": "--gpus", "effective_batch": "--effective-batch", "headroom": "--headroom",
+    "percentile": "--percentile", "sample": "--sample", "strict": "--strict",
+    "trust_remote_code": "--trust-remote-code",
+}
+
+
+def flag_for(field: str) -> str:
+    """The CLI flag that sets a knob or request field (the field name itself when none does)."""
+    info = KNOB_BY_NAME.get(field)
+    return info.flag if info is not None else REQUEST_FLAGS.get(field, field)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A change that makes the plan fit: its words, and the flags that, added to the same command, do it."""
+
+    text: str
+    flags: tuple[str, ...]
+    peak_gib: float
+
+
 @dataclass(frozen=True)
 class Plan:
     request: PlanRequest
@@ -47,8 +81,10 @@ class Plan:
     gpus: tuple[GpuInfo, ...]
     spec: ModelSpec
     advice: Advice
-    profile: Any = None  # tuiwiz.data.LengthProfile | None
+    profile: LengthProfile | None = None
     warnings: tuple[str, ...] = ()
+    #: When the plan does not fit: changes that do, each checked by re-planning, cheapest first.
+    suggestions: tuple[Suggestion, ...] = ()
 
     @property
     def knobs(self) -> TrainingKnobs:
@@ -77,14 +113,8 @@ class Plan:
             "model": {"id": self.spec.id, "params_b": round(self.spec.params_b, 3), "layers": self.spec.layers,
                       "hidden": self.spec.hidden, "vocab": self.spec.vocab, "source": self.spec.source},
             "dataset": dataset,
-            "plan": {
-                "cutoff_len": k.cutoff_len, "micro_batch_size": k.micro_batch_size, "grad_accum": k.grad_accum,
-                "effective_batch": k.effective_batch(len(self.gpus)), "lora_rank": k.lora_rank,
-                "lora_alpha": k.lora_alpha, "target_modules": k.target_modules,
-                "grad_checkpointing": k.grad_checkpointing, "optim": k.optim, "quant_bits": k.quant_bits,
-                "attn": k.attn, "loss": k.loss, "packing": k.packing, "gpus": len(self.gpus),
-                "lora_params": est.lora_params,
-            },
+            "plan": {**k.model_dump(mode="json"), "effective_batch": k.effective_batch(len(self.gpus)),
+                     "gpus": len(self.gpus), "lora_params": est.lora_params},
             "memory": {
                 "peak_gib": round(est.peak_gib, 3), "allocated_gib": round(est.allocated_gib, 3),
                 "reserved_gib": round(est.reserved_gib, 3), "budget_gib": round(self.advice.budget_gib, 3),
@@ -95,19 +125,23 @@ class Plan:
                 "peak_at": est.peak_at,
             },
             "reasons": list(self.advice.reasons),
-            "suggestions": list(self.advice.suggestions),
+            "suggestions": [{"text": x.text, "flags": list(x.flags)} for x in self.suggestions],
             "warnings": list(self.warnings) + list(self.advice.warnings),
         }
 
     def to_preset(self, name: str | None = None) -> Preset:
-        est, k = self.advice.estimate, self.advice.knobs
+        """The plan as a preset. Local paths are made absolute here, against the directory the
+        plan is made in, so the preset launches from anywhere (a run starts in its own folder)."""
+        est, k, req = self.advice.estimate, self.advice.knobs, self.request
         g = self.gpus[0]
+        dataset = req.dataset
+        if dataset is not None:
+            dataset = dataset.model_copy(update={"path": absolute(dataset.path)})
         return Preset(
             name=name,
-            model=ModelRef(id=self.spec.id if self.request.model_path is None else self.request.model,
-                           path=self.request.model_path, tokenizer=self.request.tokenizer,
-                           trust_remote_code=self.request.trust_remote_code),
-            dataset=self.request.dataset,
+            model=ModelRef(id=self.spec.id, path=absolute(req.model_path), tokenizer=absolute(req.tokenizer),
+                           trust_remote_code=req.trust_remote_code),
+            dataset=dataset,
             hardware=HardwareRef(gpu=g.name, memory_gib=round(g.total_gib, 2), count=len(self.gpus),
                                  indices=list(self.request.gpu_indices) if self.request.gpu_indices else None,
                                  bf16=all(x.bf16 for x in self.gpus)),
@@ -148,24 +182,88 @@ def request_from_preset(preset: Preset, **overrides: Any) -> PlanRequest:
     return PlanRequest(**fields)
 
 
-def make_plan(
+def absolute(path: str | None) -> str | None:
+    """A local path (model folder, tokenizer, dataset) made absolute, with ~ expanded."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def check_request(req: PlanRequest) -> None:
+    """Values a request can hold that no plan can use; raises `BadValue` naming the field."""
+    if not 1 <= req.effective_batch <= 1_000_000:
+        raise BadValue("effective_batch", req.effective_batch, "must be between 1 and 1,000,000")
+    if not 0 <= req.headroom < 1:
+        raise BadValue("headroom", req.headroom, "must be a fraction in [0, 1)")
+    if req.gpu_indices is not None and any(i < 0 for i in req.gpu_indices):
+        raise BadValue("gpus", req.gpu_indices, "GPU indices are 0 or more")
+
+
+def read_hardware(req: PlanRequest) -> HardwareInventory:
+    """This machine's GPUs (NVML) or the catalog card the request names."""
+    return detect_hardware(req.gpu, req.gpu_count)
+
+
+def read_model(req: PlanRequest) -> ModelSpec:
+    """The model's shape from a local folder, the HF cache or the catalog (offline)."""
+    return resolve_model(req.model_path or req.model)
+
+
+def tokenizer_for(req: PlanRequest) -> CountingTokenizer:
+    """The tokenizer the profile counts with: the given one, the model's own, or a labelled heuristic."""
+    from tuiwiz.data import load_tokenizer
+
+    return load_tokenizer(req.tokenizer or req.model_path, model_id=req.model)
+
+
+def profile_for(
+    req: PlanRequest,
+    spec: ModelSpec,
+    tokenizer: CountingTokenizer | None = None,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> LengthProfile | None:
+    """Read and profile the request's dataset (None without one). The slow, I/O half of planning."""
+    if req.dataset is None:
+        return None
+    from tuiwiz.data import profile_dataset
+
+    tok = tokenizer if tokenizer is not None else tokenizer_for(req)
+    return profile_dataset(req.dataset, tok, percentile=req.percentile, max_positions=spec.max_positions,
+                           micro_batch=req.knobs.micro_batch_size, packing=req.knobs.packing, sample=req.sample,
+                           progress=progress, cancel=cancel, strict=req.strict)
+
+
+def plan_request(
     req: PlanRequest,
     *,
-    hardware: HardwareInventory | None = None,
-    profile: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Plan:
-    """Plan a run. Pass `hardware` or `profile` to reuse readings (the TUI does, and tests inject fakes)."""
-    if req.effective_batch < 1:
-        raise UserError("--effective-batch must be at least 1.")
-    if not 0 <= req.headroom < 1:
-        raise UserError(f"--headroom must be a fraction in [0, 1), got {req.headroom}.")
-    hw = hardware or detect_hardware(req.gpu, req.gpu_count)
-    gpus = hw.selected(list(req.gpu_indices) if req.gpu_indices else None) if hw.source == "nvml" else hw.gpus
-    if hw.source == "nvml" and req.gpu_indices is None:
-        gpus = gpus[:1] if req.gpu_count == 1 else gpus[: req.gpu_count]
-    spec = resolve_model(req.model_path or req.model)
+    """Read everything the request names, then plan: what `tuiwiz --auto` and presets run."""
+    check_request(req)
+    hw = read_hardware(req)
+    spec = read_model(req)
+    profile = profile_for(req, spec, progress=progress, cancel=cancel)
+    return make_plan(req, hw, spec, profile)
+
+
+def select_gpus(req: PlanRequest, hw: HardwareInventory) -> tuple[GpuInfo, ...]:
+    """The GPUs the plan is for: the chosen NVML devices, or the catalog cards."""
+    if hw.source != "nvml":
+        if req.gpu_indices:
+            raise BadValue("gpus", ",".join(map(str, req.gpu_indices)),
+                           "no GPU is visible on this machine (no NVML); name a catalog card to plan for instead")
+        return hw.gpus
+    if req.gpu_indices:
+        return hw.selected(list(req.gpu_indices))
+    return hw.gpus[: max(1, req.gpu_count)]
+
+
+def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile: LengthProfile | None, *,
+              with_suggestions: bool = True) -> Plan:
+    """Plan a run from what was read: a pure function (no I/O), about a millisecond."""
+    check_request(req)
+    gpus = select_gpus(req, hw)
     warnings: list[str] = []
     knobs = req.knobs
     fixed = set(req.fixed)
@@ -174,17 +272,12 @@ def make_plan(
     if not all(g.bf16 for g in gpus) and knobs.compute_dtype == "bf16":
         knobs = knobs.replace(compute_dtype="fp16")
         warnings.append(f"{gpus[0].name} has no bf16: computing in fp16")
-
-    if req.dataset is not None and profile is None:
-        from tuiwiz.data import load_tokenizer, profile_dataset
-
-        tok = load_tokenizer(req.tokenizer or req.model_path, model_id=req.model)
-        profile = profile_dataset(req.dataset, tok, percentile=req.percentile, max_positions=spec.max_positions,
-                                  micro_batch=knobs.micro_batch_size, packing=knobs.packing, sample=req.sample,
-                                  progress=progress, cancel=cancel, strict=req.strict)
+    if knobs.attn == "flash_attention_2" and not all(g.bf16 for g in gpus):
+        warnings.append(f"FlashAttention 2 needs an Ampere (sm80) or newer GPU; {gpus[0].name} is older: "
+                        "use sdpa")
     if profile is not None:
-        if getattr(profile, "approximate", False):
-            warnings.append(f"token counts are approximate ({profile.tokenizer}); pass --tokenizer PATH "
+        if profile.approximate:
+            warnings.append(f"token counts are approximate ({profile.tokenizer}): give the model's tokenizer "
                             "(a folder with tokenizer.json) for exact counts")
         if "cutoff_len" not in fixed:
             knobs = knobs.replace(cutoff_len=profile.suggested_cutoff)
@@ -194,8 +287,129 @@ def make_plan(
 
     free = min(g.free_gib for g in gpus)
     advice = advise(spec, knobs, budget_bytes(free, req.headroom), gpus=len(gpus),
-                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed),
-                    alternatives=catalog_specs())
-    if not advice.fits:
-        warnings.append(f"does not fit: needs {advice.estimate.peak_gib:.1f} GiB, budget {advice.budget_gib:.1f} GiB")
-    return Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings))
+                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed))
+    plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings))
+    if advice.fits or not with_suggestions:
+        return plan
+    warnings.append(f"does not fit: needs {advice.estimate.peak_gib:.1f} GiB, budget {advice.budget_gib:.1f} GiB")
+    return dataclasses.replace(plan, warnings=tuple(warnings), suggestions=suggestions_for(plan))
+
+
+#: Knobs whose value changes peak memory: releasing one the user held may make a plan fit.
+MEMORY_KNOBS = ("micro_batch_size", "grad_checkpointing", "lora_rank", "target_modules", "lora_dropout",
+                "optim", "attn", "packing")
+
+
+def _held(req: PlanRequest, **knob_values: Any) -> PlanRequest:
+    """The request with these knob values added as flags would: set and held."""
+    return dataclasses.replace(req, knobs=req.knobs.replace(**knob_values), fixed=req.fixed | frozenset(knob_values))
+
+
+def _knob_flags(values: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(x for name, v in values.items() for x in (flag_for(name), format_knob(name, v)))
+
+
+def _checked(plan: Plan, text: str, flags: tuple[str, ...], req: PlanRequest,
+             spec: ModelSpec | None = None, hw: HardwareInventory | None = None) -> Suggestion | None:
+    """The suggestion if re-planning the changed request really fits, else None."""
+    try:
+        again = make_plan(req, hw or plan.hardware, spec or plan.spec, plan.profile, with_suggestions=False)
+    except UserError:
+        return None
+    if not again.advice.fits:
+        return None
+    return Suggestion(f"{text}: peak {again.advice.estimate.peak_gib:.1f} GiB", flags, again.advice.estimate.peak_gib)
+
+
+def _release_held(plan: Plan) -> list[Suggestion | None]:
+    """Hand a knob the user held back to the advisor (one at a time, then all of them)."""
+    req = plan.request
+    held = [n for n in MEMORY_KNOBS if n in req.fixed]
+    out: list[Suggestion | None] = []
+    for names in [[n] for n in held] + ([held] if len(held) > 1 else []):
+        if len(names) > 1 and any(s is not None for s in out):
+            break  # releasing all of them at once is only worth saying when no single one is enough
+        freed = make_plan(dataclasses.replace(req, fixed=req.fixed - frozenset(names)), plan.hardware, plan.spec,
+                          plan.profile, with_suggestions=False)
+        if not freed.advice.fits:
+            continue
+        values = {n: getattr(freed.knobs, n) for n in names}
+        words = ", ".join(f"{KNOB_BY_NAME[n].label} {format_knob(n, values[n])} (you set "
+                          f"{format_knob(n, getattr(req.knobs, n))})" for n in names)
+        out.append(_checked(plan, f"let the advisor choose: {words}", _knob_flags(values), _held(req, **values)))
+    return out
+
+
+def _shorter_cutoff(plan: Plan) -> Suggestion | None:
+    """The longest cutoff (a multiple of 64) at which the re-planned run fits, by bisection."""
+    k, req = plan.knobs, plan.request
+
+    def fits(n: int) -> bool:
+        try:
+            again = make_plan(_held(req, cutoff_len=n * 64), plan.hardware, plan.spec, plan.profile,
+                              with_suggestions=False)
+        except UserError:
+            return False
+        return again.advice.fits
+
+    lo, hi = 1, (k.cutoff_len - 1) // 64
+    if hi < 1 or not fits(1):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    cut = lo * 64
+    lost = ""
+    if plan.profile is not None:
+        n = plan.profile.at_cutoff(cut, 1, k.packing).truncated
+        lost = f" (truncates {n} sample{'s' if n != 1 else ''})"
+    return _checked(plan, f"a shorter cutoff, {cut} tokens{lost}", _knob_flags({"cutoff_len": cut}),
+                    _held(req, cutoff_len=cut))
+
+
+def _lighter_stack(plan: Plan) -> list[Suggestion | None]:
+    """The fused loss, then a 4-bit base: same model, same data, less memory."""
+    k, req = plan.knobs, plan.request
+    out: list[Suggestion | None] = []
+    if k.loss == "standard":
+        out.append(_checked(plan, "the chunked (fused) loss, which never materialises the full logits",
+                            _knob_flags({"loss": "chunked"}), _held(req, loss="chunked")))
+    if k.quant_bits > 4:
+        out.append(_checked(plan, "a 4-bit base", _knob_flags({"quant_bits": 4}), _held(req, quant_bits=4)))
+    return out
+
+
+def _smaller_model(plan: Plan) -> Suggestion | None:
+    """The largest catalog model smaller than this one that fits as planned."""
+    for alt in sorted(catalog_specs(), key=lambda m: -m.total_params):
+        if alt.total_params >= plan.spec.total_params:
+            continue
+        req = dataclasses.replace(plan.request, model=alt.id, model_path=None)
+        found = _checked(plan, f"a smaller model, {alt.id} ({alt.params_b:.1f}B)", ("--model", alt.id), req, spec=alt)
+        if found is not None:
+            return found
+    return None
+
+
+def _bigger_gpu(plan: Plan) -> Suggestion | None:
+    req = plan.request
+    smallest = plan.knobs.replace(**{n: v for n, v in (("micro_batch_size", 1), ("grad_checkpointing", True))
+                                     if n not in req.fixed})
+    floor = estimate_memory(plan.spec, smallest, len(plan.gpus)).peak_bytes
+    for gb in range(max(1, math.ceil(floor / GIB / (1 - req.headroom))), 1025):
+        card = catalog_gpu(f"{gb}GB")
+        hw = HardwareInventory(gpus_from_catalog(card, len(plan.gpus)), plan.hardware.host, "catalog")
+        found = _checked(plan, f"a GPU with {gb} GB free (this plan has {plan.advice.budget_gib:.1f} GiB to use)",
+                         ("--gpu", f"{gb}GB"), dataclasses.replace(req, gpu=f"{gb}GB", gpu_indices=None), hw=hw)
+        if found is not None:
+            return found
+    return None
+
+
+def suggestions_for(plan: Plan) -> tuple[Suggestion, ...]:
+    """What would fit, cheapest for the user first: release a knob they held, a shorter cutoff, a
+    lighter loss or base, a smaller model, a bigger GPU. Every one is re-planned before it is offered.
+    (More GPUs of the same size do not help a replicated, data-parallel run.)"""
+    found = [*_release_held(plan), _shorter_cutoff(plan), *_lighter_stack(plan), _smaller_model(plan),
+             _bigger_gpu(plan)]
+    return tuple(s for s in found if s is not None)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuiwiz.atomic import write_text_atomic
-from tuiwiz.errors import UserError
+from tuiwiz.errors import NotFound, UserError, bounded, shown
 from tuiwiz.planning.knobs import TrainingKnobs
 
 PRESET_VERSION = 1
@@ -78,9 +78,9 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         bad = e.get("input")
-        shown = "" if isinstance(bad, dict) else f" (got {bad!r})"
-        lines.append(f"  - {loc}: {e['msg']}{shown}")
-    return "\n".join(lines)
+        got = "" if isinstance(bad, (dict, list)) else f" (got {shown(bad)})"
+        lines.append(f"  - {loc}: {e['msg']}{got}")
+    return bounded("\n".join(lines))
 
 
 def preset_from_dict(data: Any, source: str = "preset") -> Preset:
@@ -96,24 +96,55 @@ def preset_from_dict(data: Any, source: str = "preset") -> Preset:
         raise UserError(_format_errors(source, err)) from None
 
 
-def load_preset(path: str | Path) -> Preset:
-    """Read and validate a preset file (safe YAML only)."""
-    p = Path(path).expanduser()
+#: A preset is a page of YAML; anything far larger is not one.
+MAX_PRESET_BYTES = 1 << 20
+
+
+def _read_preset_text(p: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such preset file.") from None
+        if not p.is_file():
+            raise NotFound(f"{p}: no such preset file." if not p.exists() else f"{p}: not a regular file.", path=p)
+        if p.stat().st_size > MAX_PRESET_BYTES:
+            raise UserError(f"{p}: {p.stat().st_size:,} bytes is too large for a preset (at most 1 MiB).")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not UTF-8 text (bad byte at offset {e.start}).") from None
     except OSError as e:
         raise UserError(f"{p}: cannot read it ({e.strerror}).") from None
+
+
+def _safe_yaml(text: str, p: Path) -> Any:
+    """`yaml.safe_load`, refusing aliases: presets never need them, and an alias bomb expands
+    into gigabytes when validated."""
     try:
-        data = yaml.safe_load(text)
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1
+                raise UserError(f"{p}: line {line}: YAML aliases (*{event.anchor}) are not allowed in a preset; "
+                                "write the value out.")
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"{p}:{where}: not valid YAML ({getattr(e, 'problem', None) or e}).") from None
-    return preset_from_dict(data, str(p))
+
+
+def _anchor_paths(preset: Preset, folder: Path) -> Preset:
+    """Relative local paths in a preset are relative to the preset's own folder (a run copies its
+    preset elsewhere, so they are made absolute on load). Hub ids are left alone."""
+    def rel(v: str | None) -> str | None:
+        return v if v is None or Path(v).expanduser().is_absolute() else str((folder / v).resolve())
+
+    model = preset.model.model_copy(update={"path": rel(preset.model.path), "tokenizer": rel(preset.model.tokenizer)})
+    dataset = preset.dataset.model_copy(update={"path": rel(preset.dataset.path)}) if preset.dataset else None
+    return preset.model_copy(update={"model": model, "dataset": dataset})
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Read and validate a preset file (safe YAML only, no aliases, at most 1 MiB)."""
+    p = Path(path).expanduser()
+    data = _safe_yaml(_read_preset_text(p), p)
+    return _anchor_paths(preset_from_dict(data, str(p)), p.resolve().parent)
 
 
 def preset_to_yaml(preset: Preset) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tuiwiz.planner import Plan
+from tuiwiz.planning.knobs import KNOBS, format_knob
 from tuiwiz.planning.memory import GIB
 
 
@@ -26,22 +27,18 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         p = plan.profile.to_json()
         approx = " (approximate)" if p.get("approximate") else ""
         trunc = plan.profile.at_cutoff(k.cutoff_len, k.micro_batch_size, k.packing).truncated
-        lines.append(f"Data    {p['samples']} samples ({p['layout']}), tokens p50 {p['p50']} p95 {p['p95']} "
-                     f"p99 {p['p99']} max {p['max']}{approx}")
-        lines.append(f"        cutoff {k.cutoff_len} truncates {trunc} sample{'s' if trunc != 1 else ''}; "
-                     f"tokenizer {p['tokenizer']}")
+        lines.extend(_wrap(f"{p['samples']} samples ({p['layout']}), tokens p50 {p['p50']} p95 {p['p95']} "
+                           f"p99 {p['p99']} max {p['max']}{approx}", width, "Data    ", " " * 8))
+        lines.extend(_wrap(f"cutoff {k.cutoff_len} truncates {trunc} sample{'s' if trunc != 1 else ''}; "
+                           f"tokenizer {p['tokenizer']}", width, " " * 8, " " * 8))
     lines.append("")
     lines.append("Plan")
-    rows = [
-        ("cutoff_len", k.cutoff_len), ("micro_batch_size", k.micro_batch_size), ("grad_accum", k.grad_accum),
-        ("effective_batch", k.effective_batch(n)),
-        ("lora", f"r={k.lora_rank} alpha={k.lora_alpha} on {k.target_modules if isinstance(k.target_modules, str) else ','.join(k.target_modules)}"),
-        ("grad_checkpointing", "on" if k.grad_checkpointing else "off"), ("optim", k.optim),
-        ("quant", f"{k.quant_bits}-bit" + (" nf4 double-quant" if k.quant_bits == 4 and k.double_quant else "")),
-        ("attn / loss", f"{k.attn} / {k.loss}"),
-    ]
-    for name, val in rows:
-        lines.append(f"  {name:<19}{val}")
+    for info in KNOBS:
+        value = getattr(k, info.name)
+        if info.tui or value != info.default:
+            lines.append(f"  {info.label:<19}{format_knob(info.name, value)}")
+        if info.name == "grad_accum":
+            lines.append(f"  {'effective batch':<19}{k.effective_batch(n)}")
     lines.append("")
     lines.append(f"Memory per GPU (GiB)      peak {est.peak_gib:6.2f} / budget {a.budget_gib:.2f}  "
                  + ("FITS" if a.fits else "DOES NOT FIT"))
@@ -56,11 +53,11 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         lines.append("Why")
         for r in a.reasons:
             lines.extend(_wrap(r, width, "  - ", "    "))
-    if a.suggestions:
+    if plan.suggestions:
         lines.append("")
-        lines.append("What would fit")
-        for s in a.suggestions:
-            lines.extend(_wrap(s, width, "  - ", "    "))
+        lines.append("What would fit (add the flags to the same command)")
+        for s in plan.suggestions:
+            lines.extend(_wrap(f"{s.text}: {' '.join(s.flags)}", width, "  - ", "    "))
     warns = list(plan.warnings) + list(a.warnings)
     if warns:
         lines.append("")

@@ -5,8 +5,7 @@ Search order (each step only when the user did not fix that knob):
 2. gradient checkpointing off if any micro-batch fits without it (it costs ~30% more compute);
 3. the largest power-of-two micro-batch that fits, up to the target effective batch;
 4. gradient accumulation to reach the target effective batch.
-When nothing fits, it says what would: a shorter cutoff, the chunked loss, a smaller model,
-a bigger GPU.
+When nothing fits, the planner says what would (`tuiwiz.planner.suggestions_for`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ class Advice:
     budget_bytes: int
     gpus: int
     reasons: tuple[str, ...]
-    suggestions: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
     #: The knob changes the advisor wanted but memory refused, most wanted first (e.g. a doubled
     #: micro-batch). Empty when memory did not bind: the plan is as fast as the knobs allow.
@@ -84,20 +82,92 @@ def _largest_fitting_batch(spec: ModelSpec, knobs: TrainingKnobs, budget: int, c
     return best
 
 
-def largest_fitting_cutoff(spec: ModelSpec, knobs: TrainingKnobs, budget: int, gpus: int) -> int | None:
-    """Longest cutoff (a multiple of 64) at which micro-batch 1 fits, by bisection."""
-    lo, hi = 0, min(knobs.cutoff_len, spec.max_positions) // 64
-    fits = lambda n: estimate_memory(spec, knobs.replace(cutoff_len=n * 64, micro_batch_size=1), gpus).peak_bytes <= budget  # noqa: E731
-    if hi < 1 or not fits(1):
-        return None
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
+@dataclass
+class _Choice:
+    """The advisor's working state while it walks its steps: the knobs so far and what it said."""
+
+    knobs: TrainingKnobs
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    held_back: list[str] = field(default_factory=list)
+    step_up: TrainingKnobs | None = None
+
+
+def _fit_model_limits(c: _Choice, spec: ModelSpec, fixed: frozenset[str]) -> None:
+    """What the model itself forbids: SDPA on Gemma 2, LoRA dropout on fused MoE experts."""
+    k = c.knobs
+    if k.cutoff_len > spec.max_positions:
+        c.warnings.append(f"cutoff {k.cutoff_len} exceeds the model's {spec.max_positions} positions")
+    runs_with = attn_for_model(spec.model_type, k.attn)
+    if runs_with != k.attn:
+        if "attn" in fixed:
+            c.warnings.append(f"{spec.id}: transformers has no {k.attn} attention for {spec.model_type}; "
+                              f"the run will use {runs_with} (the estimate assumes it)")
         else:
-            hi = mid - 1
-    return lo * 64
+            c.knobs = k.replace(attn=runs_with)
+            c.reasons.append(f"attention {runs_with}: transformers has no SDPA for {spec.model_type}")
+    if spec.is_moe and c.knobs.lora_dropout > 0:
+        if "lora_dropout" in fixed:
+            c.warnings.append(f"LoRA dropout {c.knobs.lora_dropout} will fail on {spec.id}: peft's LoRA on fused "
+                              "MoE expert weights does not support dropout; set LoRA dropout to 0")
+        else:
+            c.knobs = c.knobs.replace(lora_dropout=0.0)
+            c.reasons.append("LoRA dropout 0: peft's LoRA on fused MoE expert weights does not support dropout")
+
+
+def _choose_lora(c: _Choice, fixed: frozenset[str]) -> None:
+    if "lora_rank" not in fixed:
+        c.knobs = c.knobs.replace(lora_rank=DEFAULT_RANK)
+        c.reasons.append(f"LoRA {RANK_RULE}")
+    if "lora_alpha" not in fixed:
+        c.knobs = c.knobs.replace(lora_alpha=2 * c.knobs.lora_rank)
+        if "lora_rank" in fixed:
+            c.reasons.append(f"LoRA alpha {2 * c.knobs.lora_rank} = 2 x rank")
+
+
+def _choose_checkpointing(c: _Choice, spec: ModelSpec, budget: int, cap: int, gpus: int,
+                          fixed: frozenset[str]) -> None:
+    """Off when some micro-batch fits without it: recomputing every layer costs ~30% compute."""
+    if "grad_checkpointing" in fixed:
+        return
+    off = c.knobs.replace(grad_checkpointing=False)
+    if "micro_batch_size" in fixed:
+        use_ckpt = estimate_memory(spec, off, gpus).peak_bytes > budget
+    else:
+        use_ckpt = _largest_fitting_batch(spec, off, budget, cap, gpus) is None
+    c.knobs = c.knobs.replace(grad_checkpointing=use_ckpt)
+    if use_ckpt:
+        c.held_back.append("gradient checkpointing off")
+    c.reasons.append(f"gradient checkpointing on: needed to fit; costs {CHECKPOINTING_COST}" if use_ckpt
+                     else "gradient checkpointing off: the run fits without it, which saves about 30% compute")
+
+
+def _choose_micro_batch(c: _Choice, spec: ModelSpec, budget: int, cap: int, gpus: int,
+                        fixed: frozenset[str]) -> None:
+    """The largest power of two that fits, up to the target effective batch."""
+    if "micro_batch_size" not in fixed:
+        b = _largest_fitting_batch(spec, c.knobs, budget, cap, gpus)
+        c.knobs = c.knobs.replace(micro_batch_size=b or 1)
+        if b:
+            more = "" if b >= cap else f"; {b * 2} would not fit"
+            c.reasons.append(f"micro-batch {b}: the largest power of two that fits{more}")
+        if (b or 1) < cap:
+            c.held_back.insert(0, f"micro-batch {(b or 1) * 2}")
+            c.step_up = c.knobs.replace(micro_batch_size=(b or 1) * 2)
+    if c.step_up is None and c.held_back:
+        c.step_up = c.knobs.replace(grad_checkpointing=False)
+
+
+def _choose_accumulation(c: _Choice, target: int, gpus: int, fixed: frozenset[str]) -> None:
+    if "grad_accum" in fixed:
+        return
+    accum = _accum_for(target, c.knobs.micro_batch_size, gpus)
+    c.knobs = c.knobs.replace(grad_accum=accum)
+    c.reasons.append(f"gradient accumulation {accum}: {c.knobs.micro_batch_size} x {accum}"
+                     + (f" x {gpus} GPUs" if gpus > 1 else "")
+                     + f" = effective batch {c.knobs.effective_batch(gpus)} (target {target})")
+    if c.step_up is not None:
+        c.step_up = c.step_up.replace(grad_accum=_accum_for(target, c.step_up.micro_batch_size, gpus))
 
 
 def advise(
@@ -108,118 +178,23 @@ def advise(
     gpus: int = 1,
     target_effective_batch: int = DEFAULT_EFFECTIVE_BATCH,
     fixed: frozenset[str] | set[str] = frozenset(),
-    alternatives: tuple[ModelSpec, ...] = (),
 ) -> Advice:
     """Choose the knobs the user left free so the run fits `budget` bytes per GPU.
 
-    `base` carries the user's values; names in `fixed` are never changed. `alternatives`
-    are smaller models offered when nothing fits.
+    `base` carries the user's values; names in `fixed` are never changed. What would fit when
+    nothing does is the planner's job (`tuiwiz.planner.suggestions_for`): it re-plans each idea.
     """
-    reasons: list[str] = []
-    warnings: list[str] = []
-    k = base
-    if base.cutoff_len > spec.max_positions:
-        warnings.append(f"cutoff {base.cutoff_len} exceeds the model's {spec.max_positions} positions")
-
-    runs_with = attn_for_model(spec.model_type, k.attn)
-    if runs_with != k.attn:
-        if "attn" in fixed:
-            warnings.append(f"{spec.id}: transformers has no {k.attn} attention for {spec.model_type}; "
-                            f"the run will use {runs_with} (the estimate assumes it)")
-        else:
-            k = k.replace(attn=runs_with)
-            reasons.append(f"attention {runs_with}: transformers has no SDPA for {spec.model_type}")
-    if spec.is_moe and k.lora_dropout > 0:
-        if "lora_dropout" in fixed:
-            warnings.append(f"LoRA dropout {k.lora_dropout} will fail on {spec.id}: peft's LoRA on fused MoE "
-                            "expert weights does not support dropout; use --lora-dropout 0")
-        else:
-            k = k.replace(lora_dropout=0.0)
-            reasons.append("LoRA dropout 0: peft's LoRA on fused MoE expert weights does not support dropout")
-
-    if "lora_rank" not in fixed:
-        k = k.replace(lora_rank=DEFAULT_RANK)
-        reasons.append(f"LoRA {RANK_RULE}")
-    if "lora_alpha" not in fixed:
-        k = k.replace(lora_alpha=2 * k.lora_rank)
-        if "lora_rank" in fixed:
-            reasons.append(f"LoRA alpha {2 * k.lora_rank} = 2 x rank")
-
-    per_step = gpus * (k.grad_accum if "grad_accum" in fixed else 1)
-    cap = max(1, target_effective_batch // per_step)
-    if "micro_batch_size" in fixed:
-        cap = k.micro_batch_size
-
-    held_back: list[str] = []
-    step_up: TrainingKnobs | None = None
-    # checkpointing: off when any micro-batch fits without it
-    if "grad_checkpointing" not in fixed:
-        if "micro_batch_size" in fixed:
-            off = k.replace(grad_checkpointing=False)
-            use_ckpt = estimate_memory(spec, off, gpus).peak_bytes > budget
-        else:
-            use_ckpt = _largest_fitting_batch(spec, k.replace(grad_checkpointing=False), budget, cap, gpus) is None
-        k = k.replace(grad_checkpointing=use_ckpt)
-        if use_ckpt:
-            held_back.append("gradient checkpointing off")
-        reasons.append(
-            f"gradient checkpointing on: needed to fit; costs {CHECKPOINTING_COST}" if use_ckpt
-            else "gradient checkpointing off: the run fits without it, which saves about 30% compute"
-        )
-
-    if "micro_batch_size" not in fixed:
-        b = _largest_fitting_batch(spec, k, budget, cap, gpus)
-        k = k.replace(micro_batch_size=b or 1)
-        if b:
-            more = "" if b >= cap else f"; {b * 2} would not fit"
-            reasons.append(f"micro-batch {b}: the largest power of two that fits{more}")
-        if (b or 1) < cap:
-            held_back.insert(0, f"micro-batch {(b or 1) * 2}")
-            step_up = k.replace(micro_batch_size=(b or 1) * 2)
-    if step_up is None and held_back:
-        step_up = k.replace(grad_checkpointing=False)
-
-    if "grad_accum" not in fixed:
-        accum = _accum_for(target_effective_batch, k.micro_batch_size, gpus)
-        k = k.replace(grad_accum=accum)
-        reasons.append(
-            f"gradient accumulation {accum}: {k.micro_batch_size} x {accum}"
-            + (f" x {gpus} GPUs" if gpus > 1 else "")
-            + f" = effective batch {k.effective_batch(gpus)} (target {target_effective_batch})"
-        )
-
-    est = estimate_memory(spec, k, gpus)
-    suggestions: list[str] = []
-    if est.peak_bytes > budget:
-        suggestions = _what_would_fit(spec, k, budget, gpus, alternatives)
-    if step_up is not None and "grad_accum" not in fixed:
-        step_up = step_up.replace(grad_accum=_accum_for(target_effective_batch, step_up.micro_batch_size, gpus))
-    return Advice(k, est, budget, gpus, tuple(reasons), tuple(suggestions), tuple(warnings),
-                  tuple(held_back), step_up)
-
-
-def _what_would_fit(spec: ModelSpec, k: TrainingKnobs, budget: int, gpus: int,
-                    alternatives: tuple[ModelSpec, ...]) -> list[str]:
-    out = []
-    need = estimate_memory(spec, k, gpus).peak_bytes
-    minimal = k.replace(micro_batch_size=1, grad_checkpointing=True)
-    if k.loss == "standard" and estimate_memory(spec, minimal.replace(loss="chunked"), gpus).peak_bytes <= budget:
-        out.append("use the chunked (fused) loss: --loss chunked never materialises the full logits")
-    cut = largest_fitting_cutoff(spec, minimal, budget, gpus)
-    if cut and cut < k.cutoff_len:
-        out.append(f"a shorter cutoff: {cut} tokens fits with micro-batch 1 and checkpointing")
-    if k.quant_bits > 4 and estimate_memory(spec, minimal.replace(quant_bits=4), gpus).peak_bytes <= budget:
-        out.append("quantize the base to 4 bits (--quant 4)")
-    smaller = [m for m in alternatives if m.total_params < spec.total_params
-               and estimate_memory(m, minimal, gpus).peak_bytes <= budget]
-    if smaller:
-        best = max(smaller, key=lambda m: m.total_params)
-        out.append(f"a smaller model: {best.id} ({best.params_b:.1f}B) fits at this cutoff")
-    floor = estimate_memory(spec, minimal, gpus).peak_bytes
-    out.append(f"a GPU with at least {floor / GIB / (1 - DEFAULT_HEADROOM):.0f} GB free "
-               f"(this plan needs {need / GIB:.1f} GiB, {floor / GIB:.1f} GiB at its smallest); "
-               "more GPUs of the same size do not help: data parallelism copies the model to each")
-    return out
+    fixed = frozenset(fixed)
+    c = _Choice(base)
+    _fit_model_limits(c, spec, fixed)
+    _choose_lora(c, fixed)
+    per_step = gpus * (c.knobs.grad_accum if "grad_accum" in fixed else 1)
+    cap = c.knobs.micro_batch_size if "micro_batch_size" in fixed else max(1, target_effective_batch // per_step)
+    _choose_checkpointing(c, spec, budget, cap, gpus, fixed)
+    _choose_micro_batch(c, spec, budget, cap, gpus, fixed)
+    _choose_accumulation(c, target_effective_batch, gpus, fixed)
+    est = estimate_memory(spec, c.knobs, gpus)
+    return Advice(c.knobs, est, budget, gpus, tuple(c.reasons), tuple(c.warnings), tuple(c.held_back), c.step_up)
 
 
 def smaller_plan(knobs: TrainingKnobs) -> TrainingKnobs:

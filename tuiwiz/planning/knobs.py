@@ -6,9 +6,12 @@ the training worker, so the plan that was estimated is exactly the run that is l
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tuiwiz.errors import BadValue
 
 QuantBits = Literal[4, 8, 16]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
@@ -37,42 +40,68 @@ def attn_for_model(model_type: str | None, attn: str) -> str:
     return attn
 
 
+LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                      "polynomial", "inverse_sqrt"]
+
+#: How a knob is edited: a whole number, a decimal, on/off, one of `choices`, or LoRA targets.
+WidgetKind = Literal["int", "float", "switch", "choice", "targets"]
+
+
+def knob(default: Any, flag: str, label: str, help: str, *, tui: bool = False, **bounds: Any) -> Any:
+    """A `TrainingKnobs` field with what every front end needs to show it: the one place a knob
+    gets its CLI flag, its TUI label and its help. `tui` puts it in the Plan screen's knob panel."""
+    return Field(default, description=help, json_schema_extra={"flag": flag, "label": label, "tui": tui}, **bounds)
+
+
 class TrainingKnobs(BaseModel):
     """Every knob a QLoRA run is planned and launched with.
 
     Defaults are what tuiwiz's own worker runs: NF4 with double quantization, bf16 compute,
     LoRA r=16 on all linear layers, paged 8-bit AdamW, SDPA attention, gradient checkpointing,
     and trl's chunked (fused) log-prob loss, which never materialises the full logits.
+    Bounds reject values that pass a type check but are nonsense (`epochs: .inf`, alpha 1e29).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    quant_bits: QuantBits = 4
-    double_quant: bool = True
-    compute_dtype: ComputeDtype = "bf16"
-    lora_rank: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: TargetModules = "all-linear"
-    optim: Optimizer = "paged_adamw_8bit"
-    grad_checkpointing: bool = True
-    attn: AttnImpl = "sdpa"
-    micro_batch_size: int = Field(1, ge=1, le=4096)
-    grad_accum: int = Field(16, ge=1, le=65536)
-    cutoff_len: int = Field(2048, ge=16, le=1_048_576)
-    packing: bool = False
-    loss: LossImpl = "chunked"
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    val_ratio: float = Field(0.1, ge=0, lt=1)
-    seed: int = 42
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(100, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
+    cutoff_len: int = knob(2048, "--cutoff-len", "cutoff", "tokens per sample; longer ones are truncated",
+                           tui=True, ge=16, le=1_048_576)
+    micro_batch_size: int = knob(1, "--micro-batch", "micro-batch", "samples per GPU per forward pass",
+                                 tui=True, ge=1, le=4096)
+    grad_accum: int = knob(16, "--grad-accum", "accumulation", "micro-batches per optimizer step",
+                           tui=True, ge=1, le=65536)
+    lora_rank: int = knob(16, "--lora-rank", "LoRA rank", "LoRA rank r", tui=True, ge=1, le=1024)
+    lora_alpha: int = knob(32, "--lora-alpha", "LoRA alpha", "LoRA scaling alpha (default 2 x rank)",
+                           tui=True, ge=1, le=65536)
+    lora_dropout: float = knob(0.05, "--lora-dropout", "LoRA dropout", "dropout on the LoRA input (0 saves memory)",
+                               tui=True, ge=0.0, lt=1.0)
+    target_modules: TargetModules = knob("all-linear", "--target-modules", "targets",
+                                         "LoRA targets: attn, all-linear or a comma list", tui=True)
+    grad_checkpointing: bool = knob(True, "--grad-checkpointing", "checkpointing",
+                                    "recompute activations in backward (saves memory, ~30% slower)", tui=True)
+    optim: Optimizer = knob("paged_adamw_8bit", "--optim", "optimizer", "optimizer", tui=True)
+    quant_bits: QuantBits = knob(4, "--quant", "quantization", "bits of the frozen base weights")
+    double_quant: bool = knob(True, "--double-quant", "double quant", "quantize the 4-bit constants too")
+    compute_dtype: ComputeDtype = knob("bf16", "--compute-dtype", "compute dtype",
+                                       "bf16 (Ampere and newer) or fp16")
+    attn: AttnImpl = knob("sdpa", "--attn", "attention", "attention implementation")
+    loss: LossImpl = knob("chunked", "--loss", "loss", "chunked: trl's fused log-probs (no full logits)")
+    packing: bool = knob(False, "--packing", "packing", "pack several samples into one sequence")
+    epochs: float = knob(1.0, "--epochs", "epochs", "passes over the data", tui=True, gt=0, le=1000)
+    max_steps: int | None = knob(None, "--max-steps", "max steps",
+                                 "stop after this many optimizer steps (overrides epochs)", ge=1, le=10**9)
+    learning_rate: float = knob(2e-4, "--lr", "learning rate", "peak learning rate", tui=True, gt=0, lt=1)
+    lr_scheduler: LrScheduler = knob("cosine", "--lr-scheduler", "LR schedule", "learning-rate schedule")
+    warmup_ratio: float = knob(0.03, "--warmup-ratio", "warmup", "fraction of steps spent warming up",
+                               ge=0, lt=1)
+    val_ratio: float = knob(0.1, "--val-ratio", "validation", "fraction of samples held out", ge=0, lt=1)
+    seed: int = knob(42, "--seed", "seed", "random seed (shuffle, LoRA init, split)", ge=0, le=2**32 - 1)
+    logging_steps: int = knob(1, "--logging-steps", "log every", "log every N optimizer steps", ge=1, le=10**9)
+    save_steps: int = knob(100, "--save-steps", "save every", "checkpoint every N optimizer steps", ge=1, le=10**9)
+    eval_steps: int | None = knob(None, "--eval-steps", "eval every",
+                                  "evaluate every N steps (default: when saving)", ge=1, le=10**9)
+    early_stopping_patience: int | None = knob(None, "--early-stopping", "early stopping",
+                                               "stop after N evaluations without improvement", ge=1, le=10**6)
 
     @field_validator("target_modules")
     @classmethod
@@ -84,17 +113,114 @@ class TrainingKnobs(BaseModel):
                 raise ValueError("module names must be non-empty strings")
         return v
 
-    def target_list(self) -> tuple[str, ...]:
-        """The canonical projection names LoRA is attached to."""
-        if self.target_modules == "attn":
-            return ATTN_TARGETS
-        if self.target_modules == "all-linear":
-            return ALL_LINEAR_TARGETS
-        return tuple(self.target_modules)
+    def targets(self) -> str | tuple[str, ...]:
+        """The LoRA targets in the hashable form `ModelSpec.resolve_targets` takes."""
+        return self.target_modules if isinstance(self.target_modules, str) else tuple(self.target_modules)
 
     def effective_batch(self, gpus: int = 1) -> int:
         return self.micro_batch_size * self.grad_accum * max(1, gpus)
 
     def replace(self, **changes: object) -> "TrainingKnobs":
-        """A copy with `changes` applied and validated."""
-        return TrainingKnobs.model_validate({**self.model_dump(), **changes})
+        """A copy with `changes` applied and validated (a bad value raises `BadValue` naming the knob)."""
+        return knobs_from({**self.model_dump(), **changes})
+
+
+# ---- the knob registry: flags, labels, widgets and parsing, all from the fields above -------------
+
+@dataclass(frozen=True)
+class KnobInfo:
+    """What a front end needs to offer one knob: generated from its field, never typed by hand."""
+
+    name: str
+    flag: str
+    label: str
+    help: str
+    kind: WidgetKind
+    choices: tuple[Any, ...]
+    optional: bool
+    tui: bool
+    default: Any
+
+
+def _kind_and_choices(annotation: Any) -> tuple[WidgetKind, tuple[Any, ...], bool]:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = len(args) < len(get_args(annotation))
+    if annotation is TargetModules:
+        return "targets", get_args(get_args(TargetModules)[0]), False
+    if optional:
+        annotation = args[0]
+    if get_origin(annotation) is Literal:
+        return "choice", get_args(annotation), optional
+    if annotation is bool:
+        return "switch", (True, False), optional
+    return ("int" if annotation is int else "float"), (), optional
+
+
+def _registry() -> tuple[KnobInfo, ...]:
+    out = []
+    for name, f in TrainingKnobs.model_fields.items():
+        extra = f.json_schema_extra or {}
+        kind, choices, optional = _kind_and_choices(f.annotation)
+        out.append(KnobInfo(name, extra["flag"], extra["label"], f.description or "", kind, choices, optional,
+                            bool(extra.get("tui")), f.default))
+    return tuple(out)
+
+
+#: Every knob, in the order the CLI, the report and the TUI show them.
+KNOBS: tuple[KnobInfo, ...] = _registry()
+KNOB_BY_NAME: dict[str, KnobInfo] = {k.name: k for k in KNOBS}
+NONE_WORDS = ("none", "auto")
+
+
+def parse_knob(name: str, text: str) -> Any:
+    """A knob's value from what a user typed (a CLI flag or a TUI field). Raises `BadValue`."""
+    info = KNOB_BY_NAME[name]
+    t = text.strip()
+    if info.optional and t.lower() in NONE_WORDS:
+        return None
+    if info.kind == "switch":
+        if t.lower() in ("on", "true", "yes", "1"):
+            return True
+        if t.lower() in ("off", "false", "no", "0"):
+            return False
+        raise BadValue(name, text, "expected on or off")
+    if info.kind == "targets":
+        if t in info.choices:
+            return t
+        names = [x.strip() for x in t.split(",") if x.strip()]
+        if not names:
+            raise BadValue(name, text, "give attn, all-linear or a comma-separated list of module names")
+        return names
+    if info.kind == "choice":
+        for c in info.choices:
+            if str(c) == t:
+                return c
+        raise BadValue(name, text, "choose one of " + ", ".join(map(str, info.choices)))
+    try:
+        return int(t) if info.kind == "int" else float(t)
+    except ValueError:
+        raise BadValue(name, text, "expected a whole number" if info.kind == "int" else "expected a number") from None
+
+
+def format_knob(name: str, value: Any) -> str:
+    """A knob's value as `parse_knob` reads it back (the show-command and the report use it)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def knobs_from(data: dict[str, Any]) -> TrainingKnobs:
+    """Validate plain data as knobs; the first problem becomes a `BadValue` naming the knob."""
+    try:
+        return TrainingKnobs.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = str(e["loc"][0]) if e["loc"] else "training"
+        why = e["msg"].removeprefix("Value error, ")
+        raise BadValue(field, e.get("input"), why[0].lower() + why[1:] if why else why) from None
