@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import BadValue, UserError
 from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs
 from tuiwiz.preset import DatasetRef, Preset
 
@@ -34,7 +34,7 @@ def export_text(preset: Preset, fmt: str) -> str:
         return _llamafactory(preset)
     if fmt == "axolotl":
         return _axolotl(preset)
-    raise UserError(f"--export {fmt!r}: unknown format; choose one of {', '.join(FORMATS)}.")
+    raise BadValue("export", fmt, f"unknown format; choose one of {', '.join(FORMATS)}")
 
 
 # ------------------------------------------------------------------------- shared helpers
@@ -197,12 +197,9 @@ def _lf_dataset_entry(ds: DatasetRef) -> tuple[dict[str, Any], str | None]:
     return entry, layout
 
 
-def _llamafactory(preset: Preset) -> str:
+def _lf_model(preset: Preset) -> dict[str, Any]:
+    """Which model, how it is quantized, and its attention and checkpointing."""
     k = preset.training
-    slug = _slug(preset)
-    targets = _targets(preset)
-    has_eval, eval_steps, save_steps = _eval_plan(k)
-
     model: dict[str, Any] = {"model_name_or_path": _model_ref(preset)}
     if preset.model.trust_remote_code:
         model["trust_remote_code"] = True
@@ -214,10 +211,13 @@ def _llamafactory(preset: Preset) -> str:
             model["double_quantization"] = k.double_quant
     model["flash_attn"] = _LF_ATTN[k.attn]
     model["disable_gradient_checkpointing"] = not k.grad_checkpointing
+    return model
 
-    ds = preset.dataset
-    layout = ds.layout if ds is not None else None
-    method: dict[str, Any] = {
+
+def _lf_method(preset: Preset, layout: str | None) -> dict[str, Any]:
+    """LoRA on the plan's targets; plain text trains as continued pre-training (stage pt)."""
+    k, targets = preset.training, _targets(preset)
+    return {
         "stage": "pt" if layout == "text" else "sft",
         "do_train": True,
         "finetuning_type": "lora",
@@ -227,40 +227,45 @@ def _llamafactory(preset: Preset) -> str:
         "lora_target": "all" if targets is None else ",".join(targets),
     }
 
+
+def _lf_data(preset: Preset) -> tuple[dict[str, Any], list[str], str | None]:
+    """The dataset section, the dataset_info.json entry to add (as comments), and the layout."""
+    k, ds = preset.training, preset.dataset
     data: dict[str, Any] = {}
-    data_notes: list[str] = []
+    notes: list[str] = []
+    layout = None
     if ds is not None:
         entry, layout = _lf_dataset_entry(ds)
-        if layout == "text":
-            method["stage"] = "pt"
         name = re.sub(r"[^A-Za-z0-9_]+", "_", Path(ds.path).expanduser().stem).strip("_") or "tuiwiz_data"
         data["dataset"] = name
         data["dataset_dir"] = str(Path(ds.path).expanduser().parent)
-        data_notes += [
+        notes += [
             "LLaMA-Factory reads datasets by name from dataset_info.json in dataset_dir; add this entry",
             f"to {Path(data['dataset_dir']) / 'dataset_info.json'} (create the file if missing):",
             *json.dumps({name: entry}, indent=2, ensure_ascii=False).splitlines(),
         ]
         if layout is None:
-            data_notes.append("Layout unknown: set \"formatting\" (alpaca | sharegpt) and \"columns\""
-                              " to match the file.")
+            notes.append("Layout unknown: set \"formatting\" (alpaca | sharegpt) and \"columns\" to match the file.")
         elif layout == "text":
-            data_notes.append("Plain text: trained as continued pre-training (stage: pt), every token in the loss.")
+            notes.append("Plain text: trained as continued pre-training (stage: pt), every token in the loss.")
         if ds.system_prompt:
             data["default_system"] = ds.system_prompt
     else:
         data["dataset"] = "my_dataset"
         data["dataset_dir"] = "data"
-        data_notes += [
+        notes += [
             "The plan has no dataset: register yours in data/dataset_info.json under \"my_dataset\", e.g.",
             '  "my_dataset": {"file_name": "train.jsonl", "formatting": "alpaca"}',
         ]
     data["template"] = lf_template(preset)
     data["cutoff_len"] = k.cutoff_len
     data["packing"] = k.packing
-    if has_eval:
+    if k.val_ratio > 0:
         data["val_size"] = k.val_ratio
+    return data, notes, layout
 
+
+def _lf_train(k: TrainingKnobs) -> dict[str, Any]:
     train: dict[str, Any] = {
         "per_device_train_batch_size": k.micro_batch_size,
         "gradient_accumulation_steps": k.grad_accum,
@@ -274,30 +279,36 @@ def _llamafactory(preset: Preset) -> str:
     train["optim"] = k.optim
     train["bf16" if k.compute_dtype == "bf16" else "fp16"] = True
     train["seed"] = k.seed
+    return train
 
-    output = {
-        "output_dir": f"saves/{slug}",
-        "logging_steps": k.logging_steps,
-        "save_strategy": "steps",
-        "save_steps": save_steps,
-        "report_to": "none",
-    }
+
+def _lf_output_and_eval(preset: Preset) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Where checkpoints go and when, and the evaluation schedule (with what it cannot express)."""
+    k = preset.training
+    has_eval, eval_steps, save_steps = _eval_plan(k)
+    output = {"output_dir": f"saves/{_slug(preset)}", "logging_steps": k.logging_steps, "save_strategy": "steps",
+              "save_steps": save_steps, "report_to": "none"}
     evaluation: dict[str, Any] = {}
-    eval_notes: list[str] = []
+    notes: list[str] = []
     if has_eval:
         evaluation = {"per_device_eval_batch_size": k.micro_batch_size, "eval_strategy": "steps",
                       "eval_steps": eval_steps}
         if k.early_stopping_patience:
-            eval_notes.append(f"The plan stops early after {k.early_stopping_patience} evaluations without"
-                              " improvement; LLaMA-Factory has no option for that.")
+            notes.append(f"The plan stops early after {k.early_stopping_patience} evaluations without"
+                         " improvement; LLaMA-Factory has no option for that.")
     else:
-        eval_notes.append("No validation split in this plan (val_ratio 0).")
+        notes.append("No validation split in this plan (val_ratio 0).")
+    return output, evaluation, notes
 
+
+def _llamafactory(preset: Preset) -> str:
+    data, data_notes, layout = _lf_data(preset)
+    output, evaluation, eval_notes = _lf_output_and_eval(preset)
     sections = [
-        ("model", [], model),
-        ("method", [], method),
+        ("model", [], _lf_model(preset)),
+        ("method", [], _lf_method(preset, layout)),
         ("dataset", data_notes, data),
-        ("train", [_warmup_comment(k.warmup_ratio)], train),
+        ("train", [_warmup_comment(preset.training.warmup_ratio)], _lf_train(preset.training)),
         ("output", [], output),
         ("eval", eval_notes, evaluation),
     ]

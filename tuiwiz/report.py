@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from tuiwiz.planner import Plan
 from tuiwiz.planning.knobs import KNOBS, format_knob
 from tuiwiz.planning.memory import GIB
@@ -57,7 +59,8 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         lines.append("")
         lines.append("What would fit (add the flags to the same command)")
         for s in plan.suggestions:
-            lines.extend(_wrap(f"{s.text}: {' '.join(s.flags)}", width, "  - ", "    "))
+            lines.extend(_wrap(s.text, width, "  - ", "    "))
+            lines.append("      " + shlex.join(s.flags))
     warns = list(plan.warnings) + list(a.warnings)
     if warns:
         lines.append("")
