@@ -68,9 +68,9 @@ def bench_real(tok_name: str, path: Path) -> dict:
 
     from tuiwiz.data import iter_conversations, profile_dataset
     from tuiwiz.data.encode import render_sample
-    from tuiwiz.data.tokenizer import load_hf_tokenizer
+    from tuiwiz.data.tokenizer import load_tokenizer_folder
 
-    tok = load_hf_tokenizer(SHARED / "tokenizers" / tok_name)
+    tok = load_tokenizer_folder(SHARED / "tokenizers" / tok_name)
     profile_dataset(path, tok, sample=200)  # warm up (template compile, page cache)
     t0 = time.perf_counter()
     prof = profile_dataset(path, tok)
@@ -114,7 +114,7 @@ def approx_error() -> list[dict]:
     own chat template; the approximation renders the default template)."""
     from tuiwiz.data import iter_conversations
     from tuiwiz.data.encode import encode_rendered, render_sample
-    from tuiwiz.data.tokenizer import HeuristicTokenizer, load_hf_tokenizer, load_tiktoken
+    from tuiwiz.data.tokenizer import HeuristicTokenizer, load_tokenizer_folder, load_tiktoken
 
     approximators = [HeuristicTokenizer()]
     tk = load_tiktoken()
@@ -125,7 +125,7 @@ def approx_error() -> list[dict]:
         samples = list(iter_conversations(dataset_ref(name)))
         approx_counts = {a.name: [len(e) for e in encode_rendered([render_sample(s, a) for s in samples], a)] for a in approximators}
         for tok_name in TOKS:
-            tok = load_hf_tokenizer(SHARED / "tokenizers" / tok_name)
+            tok = load_tokenizer_folder(SHARED / "tokenizers" / tok_name)
             real = [len(e) for e in encode_rendered([render_sample(s, tok) for s in samples], tok)]
             for a_name, counts in approx_counts.items():
                 rel = [(a - r) / r for a, r in zip(counts, real)]
@@ -166,9 +166,9 @@ def peak_rss_kib() -> int:
 
 def one_synthetic(path: str, tok_name: str, sample: int | None) -> dict:
     from tuiwiz.data import profile_dataset
-    from tuiwiz.data.tokenizer import load_hf_tokenizer
+    from tuiwiz.data.tokenizer import load_tokenizer_folder
 
-    tok = load_hf_tokenizer(SHARED / "tokenizers" / tok_name)
+    tok = load_tokenizer_folder(SHARED / "tokenizers" / tok_name)
     t0 = time.perf_counter()
     prof = profile_dataset(path, tok, sample=sample)
     dt = time.perf_counter() - t0

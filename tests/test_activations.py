@@ -4,13 +4,15 @@ Tiny random models of each supported family go through the worker's steps on CPU
 NF4, k-bit preparation, peft LoRA, trl's fused LM head, bf16 autocast); `tests/_accounting.py`
 counts the storages the forward leaves alive, per decoder layer. The estimator's formulas are
 evaluated for the same dimensions, batch and length and must agree within 2%.
+
+The default run checks three representative setups (SDPA and eager without checkpointing,
+SDPA with it); `pytest --full` checks all fifteen (see tests/conftest.py).
+`python bench/accounting.py` prints the measured-vs-estimated table.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,17 +21,17 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 pytest.importorskip("trl")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tuiwiz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _accounting import account_forward, build_qlora, case_id, tiny_config  # noqa: E402
+from lanes import lane  # noqa: E402
 
 from tuiwiz.models import spec_from_config  # noqa: E402
 from tuiwiz.planning import activations as act  # noqa: E402
 from tuiwiz.planning.knobs import TrainingKnobs  # noqa: E402
 
 TOL = 0.02
+pytestmark = pytest.mark.slow
 BATCH, SEQ = 2, 40
 
 CASES = [
@@ -50,9 +52,12 @@ CASES = [
     ("llama", "sdpa", False, 8, 0.0, "all-linear", 16),
     ("qwen2", "eager", False, 8, 0.05, "attn", 16),
 ]
+#: The default lane: every saved-tensor law of a layer without checkpointing, SDPA and eager
+#: (Gemma 2's softcapping), and the checkpointed layer.
+QUICK = [CASES[0], CASES[6], CASES[8]]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=case_id)
+@pytest.fixture(scope="module", params=lane(CASES, QUICK, case_id))
 def measured(request):
     fam, attn, gc, rank, dropout, targets, qb = request.param
     cfg = tiny_config(fam)
@@ -101,37 +106,3 @@ def test_fused_head_never_materialises_full_logits(measured):
 def test_gemma2_attention_is_always_eager_in_the_estimate():
     spec = spec_from_config(tiny_config("gemma2"), "tiny-gemma2", "test")
     assert act.effective_attn(spec, TrainingKnobs(attn="sdpa")) == "eager"
-
-
-def _agreement_table() -> None:
-    """`PYTHONPATH=. python tests/test_activations.py`: the measured-vs-estimated numbers."""
-    worst = 0.0
-    for case in CASES:
-        fam, attn, gc, rank, dropout, targets, qb = case
-        cfg = tiny_config(fam)
-        spec = spec_from_config(cfg, f"tiny-{fam}", "test")
-        names = list(spec.resolve_targets(targets if isinstance(targets, str) else tuple(targets)))
-        model = build_qlora(cfg, rank=rank, dropout=dropout, targets=names, attn=attn, grad_checkpointing=gc,
-                            quant_bits=qb)
-        acc = account_forward(model, BATCH, SEQ, cfg["vocab_size"], backward=False)
-        knobs = TrainingKnobs(quant_bits=qb, lora_rank=rank, lora_dropout=dropout, target_modules=targets,
-                              attn=attn, grad_checkpointing=gc, micro_batch_size=BATCH, cutoff_len=SEQ)
-        tokens = BATCH * SEQ
-        layer_est = (tokens * act.checkpoint_bytes_per_token(spec, knobs) if gc else
-                     tokens * act.layer_saved_bytes_per_token(spec, knobs, SEQ) + act.layer_saved_fixed_bytes(spec, knobs))
-        layer_got = acc.per_layer[-1]
-        out_est = act.outside_saved_bytes(spec, knobs, BATCH, SEQ)
-        e1, e2 = layer_est / layer_got - 1, out_est / acc.other - 1
-        worst = max(worst, abs(e1), abs(e2))
-        print(f"{case_id(case):45s} layer {layer_got:8d} est {layer_est:8d} ({e1:+.2%})  "
-              f"outside {acc.other:7d} est {out_est:7d} ({e2:+.2%})")
-    print(f"worst |error|: {worst:.2%}")
-
-
-if __name__ == "__main__":
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    _agreement_table()

@@ -106,7 +106,8 @@ def test_unknown_layout_names_the_keys_it_saw_and_the_known_layouts(tmp_path: Pa
     with pytest.raises(UserError) as e:
         samples(path)
     msg = str(e.value)
-    assert "bar, foo" in msg and "alpaca" in msg and "sharegpt" in msg and "--layout" in msg
+    assert "bar, foo" in msg and "alpaca" in msg and "sharegpt" in msg and "d.jsonl: line 1" in msg
+    assert e.value.field == "layout" and "--" not in msg  # the front end names the flag, not the core
 
 
 def test_real_mt_bench_questions_are_an_unknown_layout() -> None:
@@ -123,7 +124,7 @@ def test_malformed_json_lines_are_counted_with_line_numbers_and_skipped(tmp_path
     got = samples(path, report=report)
     assert len(got) == 3
     assert report.skipped == 2
-    assert [line for line, _ in report.bad_lines] == [2, 5]
+    assert [row.line for row in report.examples] == [2, 5]
 
 
 def test_malformed_json_line_is_an_error_in_strict_mode(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_sample_without_assistant_turn_is_skipped_and_counted_otherwise(tmp_path
     rows = [chat_row(1, 1), {"messages": [{"role": "user", "content": "anyone?"}]}]
     report = ReadReport()
     assert len(samples(write_jsonl(tmp_path / "d.jsonl", rows), report=report)) == 1
-    assert report.bad_lines == [(2, "no assistant turn")]
+    assert [(row.line, row.reason) for row in report.examples] == [(2, "no assistant turn")]
 
 
 def test_dataset_with_no_assistant_turn_at_all_is_an_error(tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ def test_unknown_role_is_skipped_with_its_name(tmp_path: Path) -> None:
     rows = [chat_row(1, 1), {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}]
     report = ReadReport()
     assert len(samples(write_jsonl(tmp_path / "d.jsonl", rows), report=report)) == 1
-    assert "narrator" in report.bad_lines[0][1]
+    assert "narrator" in report.examples[0].reason
 
 
 def test_every_real_dataset_reads_with_detection_or_its_mapping() -> None:

@@ -18,8 +18,9 @@ import pytest
 from data_fixtures import make_word_tokenizer, write_jsonl
 from tuiwiz.data import DEMO_DATASET, load_tokenizer, profile_dataset, render_text_report
 from tuiwiz.data.stats import bfd_bins, padded_tokens, percentile_ci, percentile_from_counts, round_cutoff
-from tuiwiz.data.tokenizer import find_in_hf_cache, tiktoken_file_cached
+from tuiwiz.data.tokenizer import tiktoken_file_cached
 from tuiwiz.errors import CancelledError, UserError
+from tuiwiz.models import find_in_hf_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERHEAD = 6  # word tokenizer + ChatML: 2 messages x (<|im_start|>, role, <|im_end|>)
@@ -216,7 +217,8 @@ def test_no_argument_tokenizer_is_approximate_offline_and_says_how_to_be_exact(m
     tok = load_tokenizer(None)
     assert tok.approximate
     prof = profile_dataset(DEMO_DATASET, tok)
-    assert "approximate" in render_text_report(prof).lower() and "--tokenizer" in render_text_report(prof)
+    text = render_text_report(prof)
+    assert "approximate" in text.lower() and "tokenizer folder" in text and "--tokenizer" not in text
     assert prof.to_json()["approximate"] is True
 
 
@@ -234,7 +236,7 @@ def test_model_id_is_found_in_the_offline_hf_cache(monkeypatch: pytest.MonkeyPat
     snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
     make_word_tokenizer(snap)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert find_in_hf_cache("acme/tiny") == snap
+    assert find_in_hf_cache("acme/tiny", "tokenizer.json") == snap / "tokenizer.json"
     tok = load_tokenizer(None, model_id="acme/tiny")
     assert not tok.approximate and tok.name == "acme/tiny"
 

@@ -4,13 +4,14 @@ bitsandbytes 4-bit loads on CPU, so the quantized storage (packed weights, absma
 constants), the dtypes k-bit preparation leaves on embeddings, head and norms, and the LoRA
 adapters' count and dtype can be read off a tiny model of each family and compared with
 `tuiwiz.planning.memory`.
+
+The default run checks Llama and Gemma 2 (tied embeddings, eager); `pytest --full` adds
+Qwen2 and Phi-3 (see tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,11 +19,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tuiwiz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _accounting import build_qlora, tiny_config  # noqa: E402
+from lanes import lane  # noqa: E402
 
 from tuiwiz.models import spec_from_config  # noqa: E402
 from tuiwiz.planning import memory  # noqa: E402
@@ -30,9 +30,10 @@ from tuiwiz.planning.knobs import TrainingKnobs  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "gemma2", "phi3"]
 RANK = 16
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=lane(FAMILIES, ["llama", "gemma2"]))
 def prepared(request):
     fam = request.param
     cfg = tiny_config(fam, layers=2, vocab=1024)

@@ -15,7 +15,9 @@ import yaml
 from tuiwiz.runs.events import ErrorEvent, EvalEvent, EventWriter, LogEvent, StartEvent
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import RunStatus, take_lock, write_status
-from tuiwiz.tui.monitor import MonitorApp, RunView, tail_lines
+from tuiwiz.tui.monitor import MonitorApp, MonitorScreen, RunView, tail_lines
+from tuiwiz.tui.screens.modals import ConfirmScreen
+from waiting import wait_for
 
 KNOBS = {"micro_batch_size": 4, "grad_accum": 4}
 START = StartEvent(run_id="m", pid=1, device="cuda", versions={}, config={"plan_peak_gib": 10.0}, total_steps=20,
@@ -35,11 +37,17 @@ def _run(tmp_path: Path, *events: Any) -> RunPaths:
     return paths
 
 
-def _drive(paths: RunPaths, steps: Any) -> Any:
+def _drawn(app: Any, events: int) -> Any:
+    """True once the monitor has folded `events` events and redrawn since."""
+    return lambda: (isinstance(app.screen, MonitorScreen) and app.screen.events_seen >= events
+                    and not app.screen._dirty)
+
+
+def _drive(paths: RunPaths, steps: Any, events: int) -> Any:
     async def scenario() -> Any:
         app = MonitorApp(paths, gpu_reader=lambda: [], poll_s=0.02)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.pause(0.8)  # first poll + one rate-limited redraw
+            await wait_for(pilot, _drawn(app, events), f"the first {events} events on screen")
             result = await steps(app, pilot)
             if app.is_running:
                 await pilot.press("q")
@@ -71,12 +79,12 @@ def test_monitor_fits_80x24_and_follows_new_events(tmp_path: Path) -> None:
         first = len(screen.view.train_curve)
         with EventWriter(paths.events) as w:
             w.write(LogEvent(step=2, loss=2.5, eta_s=90.0))
-        await pilot.pause(0.8)
+        await wait_for(pilot, _drawn(app, 3), "the new event on screen")
         regions = [w.region for w in screen.query("*") if w.display]
         gpu = str(screen.query_one("#gpu").render())
         return first, len(screen.view.train_curve), regions, gpu
 
-    first, later, regions, gpu = _drive(paths, steps)
+    first, later, regions, gpu = _drive(paths, steps, events=2)
     assert (first, later) == (1, 2)
     assert all(r.right <= 80 and r.bottom <= 24 for r in regions)
     assert "plan peak 10.00 GiB" in gpu and "+10% vs plan" in gpu
@@ -97,38 +105,52 @@ def test_oom_offers_a_one_key_relaunch_with_the_smaller_plan(tmp_path: Path, mon
     async def steps(app: Any, pilot: Any) -> str:
         gpu = str(app.screen.query_one("#gpu").render())
         await pilot.press("r")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the relaunch question")
         await pilot.press("y")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: bool(launched), "the relaunch")
         return gpu
 
-    gpu = _drive(paths, steps)
+    gpu = _drive(paths, steps, events=2)
     assert "OOM" in gpu and "micro_batch_size 2" in gpu
     (preset, root), = launched
     assert preset.training.micro_batch_size == 2 and preset.training.grad_accum == 8
     assert root == paths.root.parent
 
 
-def test_stop_key_asks_first_then_sends_sigterm(tmp_path: Path) -> None:
+def test_stop_key_asks_first_then_sends_sigterm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuiwiz.runs import control
+
     paths = _run(tmp_path, START, LogEvent(step=1, loss=3.0))
+    stops: list[bool] = []
+    real_stop = control.stop_run
+
+    def counted_stop(paths: RunPaths, *, force: bool = False, **kw: Any) -> Any:
+        stops.append(force)
+        return real_stop(paths, force=force, **kw)
+
+    monkeypatch.setattr(control, "stop_run", counted_stop)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     write_status(paths, RunStatus(run_id="m", pid=sleeper.pid))
     fd = take_lock(paths)
     try:
-        async def steps(app: Any, pilot: Any) -> tuple[bool, bool]:
+        async def steps(app: Any, pilot: Any) -> bool:
+            def asking() -> bool:
+                return isinstance(app.screen, ConfirmScreen)
+
             await pilot.press("s")
-            await pilot.pause(0.1)
+            await wait_for(pilot, asking, "the stop question")
             await pilot.press("n")  # declined: nothing is sent
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: not asking(), "the question to close")
             alive_after_no = sleeper.poll() is None
             await pilot.press("s")
-            await pilot.pause(0.1)
+            await wait_for(pilot, asking, "the stop question, asked again")
             await pilot.press("y")
-            await pilot.pause(0.5)
-            return alive_after_no, True
+            await wait_for(pilot, lambda: sleeper.poll() is not None, "the worker to get SIGTERM")
+            return alive_after_no
 
-        alive_after_no, _ = _drive(paths, steps)
+        alive_after_no = _drive(paths, steps, events=2)
         assert alive_after_no
+        assert stops == [False]  # one graceful stop, for the "y" only
         assert sleeper.wait(timeout=10) == -15  # SIGTERM
     finally:
         if fd is not None:

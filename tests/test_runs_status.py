@@ -166,10 +166,50 @@ def test_launching_a_missing_preset_names_the_file(tmp_path: Path, capsys: pytes
     assert "missing.yaml" in capsys.readouterr().err
 
 
-def test_stop_on_a_finished_run_says_it_is_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_on_a_finished_run_says_it_has_finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run(tmp_path, "r1", START, DoneEvent(step=10, adapter_path="a"))
     assert run_command("stop", ["r1", "--runs-dir", str(tmp_path)]) == 0
-    assert "not running (finished)" in capsys.readouterr().out
+    assert capsys.readouterr().out == "r1 has finished; nothing to stop.\n"
+
+
+def test_a_done_run_reads_finished_while_its_worker_still_holds_the_lock(tmp_path: Path) -> None:
+    paths = _run(tmp_path, "r", START, LogEvent(step=10, loss=1.0), DoneEvent(step=10, adapter_path="a"))
+    fd = take_lock(paths)  # the worker wrote `done` and has not exited yet
+    assert fd is not None
+    try:
+        s = summarize(paths)
+        assert s.state == "finished" and s.ended_at is not None
+    finally:
+        os.close(fd)
+
+
+def test_an_error_event_reads_failed_while_the_worker_exits_but_running_once_resumed(tmp_path: Path) -> None:
+    err = ErrorEvent(kind="oom", message="CUDA out of memory", suggestion="s", t=2000.0)
+    paths = _run(tmp_path, "r", START.model_copy(update={"t": 1000.0}), err)
+    write_status(paths, RunStatus(run_id="r", pid=1, state="failed", launched_at=999.0))
+    fd = take_lock(paths)
+    assert fd is not None
+    try:
+        assert summarize(paths).state == "failed"  # the lock holder is the worker that wrote the error
+        write_status(paths, RunStatus(run_id="r", pid=2, state="running", launched_at=3000.0))
+        assert summarize(paths).state == "running"  # a resume launched after the error holds it
+    finally:
+        os.close(fd)
+
+
+def test_runs_table_says_why_a_failed_run_failed_under_its_row(tmp_path: Path) -> None:
+    why = "CUDA out of memory. Tried to allocate 20.00 GiB; GPU 0 has a total capacity of 23.65 GiB " * 2
+    ok = _run(tmp_path, "ok", START, LogEvent(step=3, loss=1.0), DoneEvent(step=10, adapter_path="a"))
+    bad = _run(tmp_path, "bad", START, LogEvent(step=3, loss=1.0), ErrorEvent(kind="oom", message=why, suggestion="s"))
+    lines = format_runs_table([summarize(ok), summarize(bad)]).splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["ok", "bad"]
+    assert lines[3].startswith("  oom: CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert len(lines) == 4 and all(len(line) <= 80 for line in lines)
+
+
+def test_generated_run_ids_keep_the_attach_hint_within_80_columns() -> None:
+    rid = new_run_id("x" * 200, now=0.0)
+    assert len(f"  tuiwiz attach {rid}") <= 80 and rid.startswith("x" * 48 + "-")
 
 
 def test_last_checkpoint_ignores_incomplete_saves(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from tuiwiz.errors import UserError
 from tuiwiz.train.dataset import split_train_eval, truncate_example
-from tuiwiz.train.faults import DataError, fault_from_env
+from tuiwiz.train.errors import DataError
+from tuiwiz.train.faults import fault_from_env
 
 
 def test_truncation_keeps_the_start_and_reports_it() -> None:
@@ -86,3 +87,30 @@ def test_build_model_from_a_bare_config_quantizes_random_weights(tmp_path: Path)
     assert model.model.layers[0].input_layernorm.weight.dtype.is_floating_point
     with pytest.raises(ValueError, match="scratch_dir"):
         build.build_model(cfg, TrainingKnobs(), "cpu")
+
+
+@pytest.mark.parametrize("targets,want", [
+    ("attn", ["qkv_proj", "o_proj"]),
+    (["q_proj", "v_proj", "down_proj"], ["qkv_proj", "down_proj"]),
+    (["gate_proj", "up_proj"], ["gate_up_proj"]),
+])
+def test_lora_targets_on_phi3_are_the_fused_modules_the_model_really_has(targets, want) -> None:
+    """The worker resolves names through tuiwiz.models (as the estimate does); the truth is the
+    module tree transformers builds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuiwiz.planning.knobs import TrainingKnobs
+    from tuiwiz.train import build
+
+    cfg = AutoConfig.for_model("phi3", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    got = build.lora_targets(TrainingKnobs(target_modules=targets), model)
+    assert got == want
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(got) <= present
+    assert build.lora_targets(TrainingKnobs(target_modules="all-linear"), model) == "all-linear"
+    with pytest.raises(UserError, match="qkv_proj"):  # says what the model has instead
+        build.lora_targets(TrainingKnobs(target_modules=["w_pack"]), model)

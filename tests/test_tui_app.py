@@ -7,6 +7,7 @@ every run sees the same numbers.
 from __future__ import annotations
 
 import io
+import shlex
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,8 @@ async def test_help_lists_the_current_steps_bindings():
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
         text = plain(app.screen.query_one("#help-table", Static))
-        assert "ctrl+s" in text and "export" in text and "ctrl+n" in text
+        assert "^s" in text and "export" in text and "^n" in text and "F2-F5 / 1-4" in text
+        assert "never types" in plain(app.screen.query_one("#key-rule", Static))
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 
@@ -106,7 +108,7 @@ async def test_typing_a_cutoff_re_estimates_and_holds_it():
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         before = app.state.plan.advice.estimate.peak_bytes
-        cutoff = app.screen.query_one("#k-cutoff", Input)
+        cutoff = app.screen.query_one("#k-cutoff_len", Input)
         cutoff.focus()
         cutoff.value = ""
         await pilot.press(*"8192")
@@ -124,13 +126,13 @@ async def test_an_invalid_knob_shows_a_field_error_and_keeps_the_last_plan():
     app = build(start_step="plan")
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        rank = app.screen.query_one("#k-rank", Input)
+        rank = app.screen.query_one("#k-lora_rank", Input)
         rank.focus()
         rank.value = ""
         await pilot.press(*"2000")  # 2, 20 and 200 are valid ranks; 2000 is over the 1024 limit
         await pilot.pause()
         error = plain(app.screen.query_one("#knob-error", Static))
-        assert "lora_rank" in error and "2000" in error
+        assert "LoRA rank" in error and "2000" in error and "lora_rank" not in error  # named by its label
         assert app.state.plan.knobs.lora_rank == 200
 
 
@@ -140,7 +142,7 @@ async def test_choosing_checkpointing_off_from_the_keyboard_changes_the_estimate
         await settle(pilot)
         assert app.state.plan.knobs.grad_checkpointing is True
         before = app.state.plan.advice.estimate.term("activations").bytes
-        app.screen.query_one("#k-ckpt", Select).focus()
+        app.screen.query_one("#k-grad_checkpointing", Select).focus()
         await pilot.press("enter", "down", "enter")
         await pilot.pause()
         plan = app.state.plan
@@ -158,7 +160,7 @@ async def test_choices_survive_moving_between_steps():
         assert app.current_mode == "dataset"
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert app.screen.query_one("#k-rank", Input).value == "64"
+        assert app.screen.query_one("#k-lora_rank", Input).value == "64"
         assert app.state.plan.knobs.lora_rank == 64
 
 
@@ -246,8 +248,9 @@ async def test_an_unknown_model_ends_in_the_error_panel_not_a_crash():
     app = build()
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("2")
+        await pilot.press("2", "slash")  # arriving focuses the list; / goes to the text field
         inp = app.screen.query_one("#model-input", Input)
+        assert app.focused is inp
         inp.value = "nobody/no-such-model-9000"
         await pilot.press("enter")
         await settle(pilot)
@@ -261,8 +264,9 @@ async def test_picking_a_catalog_model_shows_its_architecture():
     app = build()
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("2")
+        await pilot.press("2", "slash")  # arriving focuses the list; / goes to the text field
         inp = app.screen.query_one("#model-input", Input)
+        assert app.focused is inp
         inp.value = "meta-llama/Llama-3.2-1B"
         await pilot.press("enter")
         await settle(pilot)
@@ -290,7 +294,7 @@ async def test_the_preview_highlights_only_assistant_tokens_as_trained():
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await settle(pilot)
-        pv = app.preview
+        pv = app.state.preview
         assert pv is not None and pv.index == 0
         trained = "".join(t for t, on in pv.pieces if on)
         masked = "".join(t for t, on in pv.pieces if not on)
@@ -308,14 +312,21 @@ async def test_escape_cancels_profiling_and_says_so():
     app = build(start_step="dataset", tokenizer_loader=slow_tokenizer)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        assert app.profiling
+        assert app.state.profile_status.busy
         await pilot.press("escape")
         release.set()
         await settle(pilot)
-        assert not app.profiling
-        assert app.profile_status == "cancelled"
+        assert not app.state.profile_status.busy
+        assert app.state.profile_status.state == "cancelled"
         assert app.state.profile is None
         assert not isinstance(app.screen, ErrorScreen)
+
+
+def _parsed(text: str) -> PlanRequest:
+    """The shown command as a shell reads it: continuations joined, then the CLI's own parser."""
+    argv = shlex.split(text.replace(" \\\n", " "))
+    assert argv[:2] == ["tuiwiz", "--auto"]
+    return request_from_args(build_parser().parse_args(argv[1:]))
 
 
 async def test_show_command_round_trips_through_the_cli_parser():
@@ -323,21 +334,35 @@ async def test_show_command_round_trips_through_the_cli_parser():
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         app.state.set_knob("lora_rank", 32)
-        app.state.set_knob("target_modules", "attn")
+        app.state.set_knob("target_modules", ["q_proj", "v_proj"])
         app.state.set_knob("learning_rate", 1e-4)
+        app.state.set_knob("grad_checkpointing", False)
+        app.state.set_knob("lora_dropout", 0.0)
+        app.state.set_effective_batch(32)
         app.changed()
         await pilot.press("ctrl+g")
         assert isinstance(app.screen, TextScreen)
-        line = app.screen.body
-    import shlex
+        text = app.screen.body
+        state_req = app.state.request
+    lines = text.splitlines()
+    # one flag per line, every line but the last continued, so it pastes into a shell as it is
+    assert all(line.endswith(" \\") for line in lines[:-1]) and not lines[-1].endswith("\\")
+    assert all(len(shlex.split(line.rstrip(" \\"))) <= 2 for line in lines[1:])
+    req = _parsed(text)
+    assert req.knobs == state_req.knobs
+    assert req.fixed == state_req.fixed
+    assert req.effective_batch == 32
+    assert req.dataset == state_req.dataset and req.model == state_req.model
+    assert req.gpu_indices == state_req.gpu_indices and req.gpu == state_req.gpu
 
-    argv = shlex.split(line)
-    assert argv[:2] == ["tuiwiz", "--auto"]
-    req = request_from_args(build_parser().parse_args(argv[1:]))
-    assert req.knobs.lora_rank == 32 and req.knobs.target_modules == "attn" and req.knobs.learning_rate == 1e-4
-    assert {"lora_rank", "target_modules", "learning_rate"} <= req.fixed
-    assert req.gpu_indices is None or req.gpu_indices == (0,)
-    assert req.dataset is not None and req.dataset.path == app.state.request.dataset.path
+
+async def test_show_command_names_the_catalog_card_without_nvml():
+    app = build(hardware=fixtures.no_nvml(), start_step="plan")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.state.use_card("A100 80GB")
+        req = _parsed(app.state.auto_command())
+    assert req.gpu == "A100 80GB" and req.knobs == app.state.request.knobs
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tuiwiz",
         description="Plan, launch and monitor QLoRA fine-tuning. With no arguments: the wizard on the bundled demo.",
-        epilog="Run management: tuiwiz launch PRESET | runs | attach RUN | stop RUN | resume RUN (each has --help).",
+        epilog="Run management: tuiwiz launch PRESET | runs | attach RUN | stop RUN | resume RUN (each has --help). "
+               "Measured runs: tuiwiz calibration [--clear].",
     )
     p.add_argument("--version", action="version", version=f"tuiwiz {__version__}")
     p.add_argument("--auto", action="store_true", help="plan headless (no UI): a table, or JSON with --json")
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu", help="plan for a catalog card (4090, A100-80GB, H100...) or a size (24GB); 'auto' detects")
     g.add_argument("--gpus", type=_gpu_list, metavar="LIST", help="GPU indices to use on this machine, e.g. 0,1")
     g.add_argument("--preset", help="start from a preset file (its knobs are held fixed)")
+    g.add_argument("--no-calibration", action="store_true",
+                   help="plan with the priors only, ignoring this GPU's measured runs (tuiwiz calibration)")
     k = p.add_argument_group("training knobs (any you give is held fixed; the advisor chooses the rest)")
     _add_knob_flags(k)
     k.add_argument("--effective-batch", type=int, metavar="E", help="target effective batch (default 16)")
@@ -206,7 +209,7 @@ def run_auto(args: argparse.Namespace) -> int:
         from tuiwiz.data import cli_progress_printer
 
         progress = cli_progress_printer()
-    plan = plan_request(req, progress=progress)
+    plan = plan_request(req, progress=progress, calibrate=not args.no_calibration)
     if args.out:
         _write_output(plan, args)
     if args.json:
@@ -251,7 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tuiwiz.runs.cli import run_command
 
             return run_command(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
+        if argv and argv[0] == "calibration":
+            from tuiwiz.calibration_cli import run_calibration
+
+            return run_calibration(argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
         if args.list_models:
             print(_list_models())
             return 0

@@ -95,15 +95,17 @@ GPU_CATALOG: tuple[CatalogGpu, ...] = (
 DEFAULT_CATALOG_GPU = "GeForce RTX 4090"
 
 
-def _norm(name: str) -> str:
+def gpu_key(name: str) -> str:
+    """A card's name normalised for matching: NVML's "NVIDIA GeForce RTX 4090" and the catalog's
+    "GeForce RTX 4090" both give "rtx4090" (also used to match calibration records)."""
     return re.sub(r"[^a-z0-9]", "", name.lower().replace("geforce", "").replace("nvidia", "").replace("tesla", ""))
 
 
 def catalog_gpu(name: str) -> CatalogGpu:
     """Find a card by name (`4090`, `A100-80GB`, `H100`) or make a generic one from a size (`24GB`)."""
-    key = _norm(name)
+    key = gpu_key(name)
     for g in GPU_CATALOG:
-        if key == _norm(g.name) or key in {_norm(a) for a in g.aliases}:
+        if key == gpu_key(g.name) or key in {gpu_key(a) for a in g.aliases}:
             return g
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(g|gb|gib)?\s*", name, re.IGNORECASE)
     if m:

@@ -7,17 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from tuiwiz.errors import UserError
+from tuiwiz.userfile import read_text
 
 
-def read_json_object(path: Path, what: str = "a JSON object") -> dict[str, Any]:
+def read_json_object(path: Path, what: str = "a JSON object", *, field: str | None = None) -> dict[str, Any]:
+    """The object in `path`; a missing, unreadable, non-UTF-8 or malformed file is a UserError.
+
+    `field` is the request field the file came from (`model`, `tokenizer`), for front ends.
+    """
+    text = read_text(path, field=field, what="JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}).") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}).") from None
+        raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).", field=field) from None
+    except RecursionError:
+        raise UserError(f"{path}: not a usable JSON file (nested too deeply).", field=field) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected {what}.")
+        raise UserError(f"{path}: expected {what}, got {json_type(data)}.", field=field)
     return data
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's kind as a message says it: 'an array', 'a string', 'null'."""
+    names = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

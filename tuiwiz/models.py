@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import BadValue, NotFound, UserError, bounded, shown
 from tuiwiz.jsonfile import read_json_object
+from tuiwiz.userfile import expand, stat_path
 
 #: Families whose decoder layers we know module by module (names as in transformers).
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "phi3")
+FIELD = "model"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,16 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def norms_per_layer(self) -> int:
+        """RMSNorms in one decoder layer: before attention and MLP; Gemma 2 also norms after each."""
+        return 4 if self.model_type == "gemma2" else 2
+
+    @property
+    def has_qk_norm(self) -> bool:
+        """Qwen3 normalises q and k per head (one `head_dim` weight each)."""
+        return self.model_type in ("qwen3", "qwen3_moe")
+
     def linear_modules(self) -> dict[str, tuple[int, int]]:
         """Per decoder layer: each `nn.Linear` by its module name, as (in_features, out_features).
 
@@ -77,11 +90,16 @@ class ModelSpec:
     def attention_module_names(self) -> tuple[str, ...]:
         return ("qkv_proj", "o_proj") if self.model_type == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
 
+    @property
+    def norms_per_layer(self) -> int:
+        """RMSNorms per decoder layer: Gemma 2 norms before and after attention and MLP, others before."""
+        return 4 if self.model_type == "gemma2" else 2
+
     def resolve_targets(self, targets: tuple[str, ...] | str) -> dict[str, tuple[int, int]]:
         """Map LoRA targets ('attn', 'all-linear' or module names) onto this model's linears.
 
         Canonical names are translated for fused families (q_proj -> qkv_proj on Phi-3);
-        names the model lacks raise a UserError that lists the ones it has.
+        names the model lacks raise a BadValue that lists the ones it has.
         """
         mods = self.linear_modules()
         if targets == "attn":
@@ -94,10 +112,8 @@ class ModelSpec:
             names = tuple(dict.fromkeys(fused.get(n, n) for n in targets))
         unknown = [n for n in names if n not in mods]
         if unknown:
-            raise UserError(
-                f"target_modules: {', '.join(unknown)} not in {self.id}; it has {', '.join(mods)} "
-                "(or use 'attn' / 'all-linear')."
-            )
+            raise BadValue("target_modules", ", ".join(unknown),
+                           f"{self.id} has no such module; it has {', '.join(mods)} (or use 'attn' / 'all-linear')")
         return {n: mods[n] for n in names}
 
     # ---- parameter counts by module kind ------------------------------------------
@@ -116,7 +132,7 @@ class ModelSpec:
             dense_layers = L - self.sparse_layers
             experts = self.num_experts * 3 * h * self.moe_intermediate
             router = self.num_experts * h
-        norms_per_layer = 4 if self.model_type == "gemma2" else 2
+        norms_per_layer = self.norms_per_layer
         qk_norm = 2 * self.head_dim if self.model_type == "qwen3" or self.model_type == "qwen3_moe" else 0
         counts = {
             "embedding": self.vocab * h,
@@ -124,7 +140,7 @@ class ModelSpec:
             "mlp": dense_layers * (mlp if not self.is_moe else 3 * h * self.intermediate),
             "experts": self.sparse_layers * experts,
             "router": self.sparse_layers * router,
-            "norms": L * (norms_per_layer * h + qk_norm) + h,
+            "norms": L * (self.norms_per_layer * h + qk_norm) + h,
             "head": 0 if self.tied_embeddings else self.vocab * h,
         }
         return counts
@@ -156,46 +172,144 @@ class ModelSpec:
 
 # ---- building specs ---------------------------------------------------------------
 
-def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return default
+#: Bounds no real decoder exceeds: a value outside them is a broken config, not a big model.
+MAX_LAYERS = 1000
+MAX_HIDDEN = 1_000_000
+MAX_HEADS = 100_000
+MAX_VOCAB = 10_000_000
+MAX_INTERMEDIATE = 10_000_000
+MAX_POSITIONS = 1 << 30
+MAX_EXPERTS = 100_000
+
+_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}
+_MISSING: Any = object()
 
 
-def spec_from_config(cfg: dict[str, Any], model_id: str, source: str) -> ModelSpec:
-    """Read an HF `config.json` dict. Unknown architectures raise a UserError naming the type."""
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
-    if text_cfg:
-        cfg = {**cfg, **text_cfg}
+class BadConfigValue(BadValue):
+    """A value in a model's config.json that no real model has; the message names the file and key.
+
+    `field` is "model" (the input to fix); `source` is the config file and `key` the entry.
+    """
+
+    def __init__(self, source: str, key: str, value: object, why: str) -> None:
+        self.value, self.why, self.source, self.key = value, why, source, key
+        UserError.__init__(self, f"{source}: {key}: {why} (got {shown(value)}).", field=FIELD)
+
+    def render(self, name_of: Callable[[str], str] | None = None) -> str:
+        return bounded(str(self))  # the file and key say more than the name of the field
+
+
+class _ConfigValues:
+    """Typed, bounded reads of config.json entries; each bad value is a BadConfigValue.
+
+    A key that is absent or null takes its default (as transformers does); a required key
+    (no default) that is absent or null is an error.
+    """
+
+    def __init__(self, cfg: dict[str, Any], source: str, nested: frozenset[str]) -> None:
+        self.cfg, self.source, self.nested = cfg, source, nested
+
+    def name(self, key: str) -> str:
+        return f"text_config.{key}" if key in self.nested else key
+
+    def bad(self, key: str, value: object, why: str) -> BadConfigValue:
+        return BadConfigValue(self.source, self.name(key), value, why)
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        """The value; absent or null gives `default`, or an error when there is none."""
+        value = self.cfg.get(key)
+        if value is not None:
+            return value
+        if default is _MISSING:
+            why = "is null" if key in self.cfg else "is missing; is this a decoder-only LLM config.json?"
+            raise self.bad(key, value, why)
+        return default
+
+    def int(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> int:
+        """A whole number in [lo, hi] (an integral float such as 4096.0 is accepted)."""
+        if self.cfg.get(key) is None and default is not _MISSING:
+            return default
+        value = self.raw(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.bad(key, value, "must be a whole number")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise self.bad(key, value, "must be a whole number")
+            value = int(value)
+        if not lo <= value <= hi:
+            raise self.bad(key, value, f"must be between {lo:,} and {hi:,}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, value, "must be true or false")
+        return value
+
+    def positive_or_none(self, key: str) -> float | None:
+        value = self.raw(key, None)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise self.bad(key, value, "must be a positive number or null")
+        return float(value)
+
+
+def _model_type(cfg: dict[str, Any], source: str) -> str:
+    """`model_type`, else guessed from `architectures`; an unsupported one is a UserError."""
     mt = cfg.get("model_type")
     if mt is None:
-        archs = cfg.get("architectures") or []
-        guess = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
-                 "Qwen3MoeForCausalLM": "qwen3_moe"}
-        mt = next((guess[a] for a in archs if a in guess), None)
+        archs = cfg.get("architectures")
+        archs = archs if isinstance(archs, list) else []
+        mt = next((_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in _ARCHITECTURES), None)
     if mt not in SUPPORTED_TYPES:
         raise UserError(
-            f"{source}: model_type {mt!r} is not supported yet; tuiwiz knows {', '.join(SUPPORTED_TYPES)}."
+            f"{source}: model_type {shown(mt)} is not supported yet; tuiwiz knows {', '.join(SUPPORTED_TYPES)}.",
+            field=FIELD,
         )
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        vocab = int(cfg["vocab_size"])
-        inter = int(cfg["intermediate_size"])
-    except KeyError as e:
-        raise UserError(f"{source}: config has no {e.args[0]!r}; is this a decoder-only LLM config.json?") from None
-    head_dim = int(_get(cfg, "head_dim", default=hidden // heads))
-    tied_default = mt == "gemma2"  # Gemma2Config defaults to tying; the others default to untied
-    num_experts = int(_get(cfg, "num_experts", default=0)) if mt == "qwen3_moe" else 0
-    sparse = 0
-    if num_experts:
-        step = int(_get(cfg, "decoder_sparse_step", default=1))
-        only = set(cfg.get("mlp_only_layers") or [])
-        sparse = sum(1 for i in range(layers) if i not in only and (i + 1) % step == 0)
-    bias = bool(_get(cfg, "attention_bias", "attention_qkv_bias", default=(mt == "qwen2")))
+    return mt
+
+
+def _sparse_layers(v: _ConfigValues, layers: int, num_experts: int) -> int:
+    """How many decoder layers hold experts (Qwen3-MoE: every `decoder_sparse_step`-th, minus mlp_only_layers)."""
+    if not num_experts:
+        return 0
+    step = v.int("decoder_sparse_step", 1, layers, default=1)
+    only = v.raw("mlp_only_layers", [])
+    if not isinstance(only, list) or not all(type(i) is int and 0 <= i < layers for i in only):
+        raise v.bad("mlp_only_layers", only, f"must be a list of layer numbers from 0 to {layers - 1}")
+    return sum(1 for i in range(layers) if i not in set(only) and (i + 1) % step == 0)
+
+
+def spec_from_config(cfg: dict[str, Any], model_id: str, source: str, *, where: str | None = None) -> ModelSpec:
+    """Read an HF `config.json` dict, checking every value used against bounds real models keep.
+
+    Unknown architectures raise a UserError naming the type; a missing, null, non-numeric or
+    impossible value (zero heads, heads that do not divide the hidden size, negative layers)
+    raises a BadConfigValue naming `where` (the file; default `source`) and the key.
+    """
+    where = where or source
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
+    nested = frozenset(text_cfg or ())
+    if text_cfg:
+        cfg = {**cfg, **text_cfg}
+    mt = _model_type(cfg, where)
+    v = _ConfigValues(cfg, where, nested)
+    hidden = v.int("hidden_size", 1, MAX_HIDDEN)
+    heads = v.int("num_attention_heads", 1, MAX_HEADS)
+    layers = v.int("num_hidden_layers", 1, MAX_LAYERS)
+    vocab = v.int("vocab_size", 1, MAX_VOCAB)
+    inter = v.int("intermediate_size", 1, MAX_INTERMEDIATE)
+    if v.raw("head_dim", None) is None and hidden % heads:
+        raise v.bad("num_attention_heads", heads, f"must divide hidden_size ({hidden}) when head_dim is not given")
+    head_dim = v.int("head_dim", 1, MAX_HIDDEN, default=hidden // heads)
+    kv_heads = v.int("num_key_value_heads", 1, heads, default=heads)
+    if heads % kv_heads:
+        raise v.bad("num_key_value_heads", kv_heads, f"must divide num_attention_heads ({heads})")
+    num_experts = v.int("num_experts", 0, MAX_EXPERTS, default=0) if mt == "qwen3_moe" else 0
+    bias_key = "attention_bias" if v.raw("attention_bias", None) is not None else "attention_qkv_bias"
     return ModelSpec(
         id=model_id,
         model_type=mt,
@@ -203,24 +317,24 @@ def spec_from_config(cfg: dict[str, Any], model_id: str, source: str) -> ModelSp
         hidden=hidden,
         intermediate=inter,
         heads=heads,
-        kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
+        kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=vocab,
-        tied_embeddings=bool(_get(cfg, "tie_word_embeddings", default=tied_default)),
-        max_positions=int(_get(cfg, "max_position_embeddings", default=4096)),
-        attention_bias=bias if mt != "phi3" else False,
+        tied_embeddings=v.flag("tie_word_embeddings", mt == "gemma2"),  # Gemma2Config ties by default
+        max_positions=v.int("max_position_embeddings", 1, MAX_POSITIONS, default=4096),
+        attention_bias=v.flag(bias_key, mt == "qwen2") if mt != "phi3" else False,
         num_experts=num_experts,
-        experts_per_token=int(_get(cfg, "num_experts_per_tok", default=0)) if num_experts else 0,
-        moe_intermediate=int(_get(cfg, "moe_intermediate_size", default=0)) if num_experts else 0,
-        sparse_layers=sparse,
-        final_logit_softcapping=_get(cfg, "final_logit_softcapping"),
+        experts_per_token=v.int("num_experts_per_tok", 1, num_experts, default=0) if num_experts else 0,
+        moe_intermediate=v.int("moe_intermediate_size", 1, MAX_INTERMEDIATE, default=0) if num_experts else 0,
+        sparse_layers=_sparse_layers(v, layers, num_experts),
+        final_logit_softcapping=v.positive_or_none("final_logit_softcapping"),
         source=source,
         config=dict(cfg),
     )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    return read_json_object(path, "a JSON object (a model config.json)")
+    return read_json_object(path, "a JSON object (a model config.json)", field=FIELD)
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -244,15 +358,32 @@ def find_in_hf_cache(model_id: str, filename: str = "config.json") -> Path | Non
         snaps = root / folder / "snapshots"
         if not snaps.is_dir():
             continue
-        ref = root / folder / "refs" / "main"
-        candidates = []
-        if ref.is_file():
-            candidates.append(snaps / ref.read_text().strip())
-        candidates += sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        for snap in candidates:
+        for snap in _snapshots(root / folder):
             if (snap / filename).is_file():
                 return snap / filename
     return None
+
+
+def _snapshots(repo: Path) -> list[Path]:
+    """A cached repo's snapshot folders: the one refs/main names first, then newest first."""
+    candidates = []
+    try:
+        ref = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+        if ref:
+            candidates.append(repo / "snapshots" / ref)
+    except (OSError, UnicodeDecodeError):
+        pass
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    try:
+        return candidates + sorted((repo / "snapshots").iterdir(), key=mtime, reverse=True)
+    except OSError:
+        return candidates
 
 
 def cached_model_ids() -> list[str]:
@@ -270,36 +401,46 @@ def cached_model_ids() -> list[str]:
 def resolve_model(ref: str) -> ModelSpec:
     """A ModelSpec for a local folder, a config.json path, a cached hub id, or a catalog id.
 
-    Never downloads. Unknown ids raise a UserError suggesting the closest catalog entries.
+    Never downloads. An empty reference is a BadValue; an unknown id a NotFound suggesting
+    the closest catalog entries.
     """
-    from tuiwiz.model_catalog import CATALOG, canonical_key, lookup
-
+    if not ref.strip():
+        raise BadValue(FIELD, ref, "is empty; give a model folder, its config.json, or a hub id")
     ref = ref.strip()
-    if not ref:
-        raise UserError("--model: empty model id.")
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        cfg_path = p / "config.json"
-        if not cfg_path.is_file():
-            raise UserError(f"{p}: no config.json in this folder; point --model at a model folder or a config.json.")
-        return spec_from_config(_read_config(cfg_path), _id_from_config(_read_config(cfg_path), p.name), str(cfg_path))
-    if p.suffix == ".json" and p.is_file():
-        cfg = _read_config(p)
-        return spec_from_config(cfg, _id_from_config(cfg, p.stem), str(p))
-    if p.suffix == ".json" or ref.startswith(("./", "/", "~")):
-        raise UserError(f"{ref}: no such file or folder.")
+    p = expand(ref, field=FIELD)
+    if os.path.lexists(p) or p.suffix == ".json" or ref.startswith(("./", "../", "/", "~")):
+        return _spec_from_path(p)
     cached = find_in_hf_cache(ref)
     if cached is not None:
-        return spec_from_config(_read_config(cached), ref, f"HF cache ({cached.parent.name[:8]})")
+        cfg = _read_config(cached)
+        return spec_from_config(cfg, ref, f"HF cache ({cached.parent.name[:8]})", where=str(cached))
+    return _spec_from_catalog(ref)
+
+
+def _spec_from_path(p: Path) -> ModelSpec:
+    """A model folder (its config.json) or a config.json file."""
+    st = stat_path(p, field=FIELD, what="model folder or config.json")
+    cfg_path = p / "config.json" if stat.S_ISDIR(st.st_mode) else p
+    if cfg_path is not p and not os.path.lexists(cfg_path):
+        raise NotFound(f"{p}: no config.json in this folder; give a model folder or its config.json.",
+                       path=cfg_path, field=FIELD)
+    cfg = _read_config(cfg_path)
+    return spec_from_config(cfg, _id_from_config(cfg, p.name if cfg_path is not p else p.stem), str(cfg_path))
+
+
+def _spec_from_catalog(ref: str) -> ModelSpec:
+    from tuiwiz.model_catalog import CATALOG, canonical_key, lookup
+
     entry = lookup(ref)
     if entry is not None:
         return spec_from_config(entry.config, ref, f"catalog ({entry.hub_id})")
     close = difflib.get_close_matches(canonical_key(ref), [canonical_key(e.hub_id) for e in CATALOG], n=3, cutoff=0.5)
     names = [e.hub_id for e in CATALOG if canonical_key(e.hub_id) in close]
-    hint = f" Did you mean {', '.join(names)}?" if names else " `tuiwiz --list-models` shows the catalog."
-    raise UserError(
-        f"--model {ref}: not a local folder, not in the local HF cache, and not in the catalog.{hint} "
-        "Offline planning needs a config.json: pass the model folder or its config.json."
+    hint = f" Did you mean {', '.join(names)}?" if names else ""
+    raise NotFound(
+        f"{ref}: not a local folder, not in the local Hugging Face cache, and not in the catalog.{hint} "
+        "Offline planning needs a config.json: give the model's folder or its config.json.",
+        field=FIELD,
     )
 
 

@@ -21,6 +21,7 @@ from tuiwiz.hardware import GpuInfo, HardwareInventory, catalog_gpu, detect_hard
 from tuiwiz.model_catalog import CATALOG, DEFAULT_MODEL
 from tuiwiz.models import ModelSpec, resolve_model, spec_from_config
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM, Advice, advise, budget_bytes
+from tuiwiz.planning.calibration import Calibration, read_calibration
 from tuiwiz.planning.memory import GIB, estimate_memory
 from tuiwiz.planning.knobs import KNOB_BY_NAME, TrainingKnobs, format_knob
 from tuiwiz.preset import DatasetRef, EstimateInfo, HardwareRef, ModelRef, Preset
@@ -85,6 +86,8 @@ class Plan:
     warnings: tuple[str, ...] = ()
     #: When the plan does not fit: changes that do, each checked by re-planning, cheapest first.
     suggestions: tuple[Suggestion, ...] = ()
+    #: This GPU's measured runs, when the plan was made with them (re-planned suggestions reuse it).
+    calibration: Calibration | None = None
 
     @property
     def knobs(self) -> TrainingKnobs:
@@ -123,6 +126,7 @@ class Plan:
                           for t in est.terms],
                 "assumptions": list(est.assumptions),
                 "peak_at": est.peak_at,
+                "calibration": est.calibration.to_json() if est.calibration is not None else None,
             },
             "reasons": list(self.advice.reasons),
             "suggestions": [{"text": x.text, "flags": list(x.flags)} for x in self.suggestions],
@@ -238,13 +242,19 @@ def plan_request(
     *,
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
+    calibrate: bool = False,
 ) -> Plan:
-    """Read everything the request names, then plan: what `tuiwiz --auto` and presets run."""
+    """Read everything the request names, then plan: what `tuiwiz --auto` and presets run.
+
+    `calibrate` also reads this machine's calibration store (the user's measured runs); it is
+    off unless a front end asks, so shipped presets and tests never depend on a local store.
+    """
     check_request(req)
     hw = read_hardware(req)
     spec = read_model(req)
     profile = profile_for(req, spec, progress=progress, cancel=cancel)
-    return make_plan(req, hw, spec, profile)
+    calibration = read_calibration(select_gpus(req, hw)) if calibrate else None
+    return make_plan(req, hw, spec, profile, calibration=calibration)
 
 
 def select_gpus(req: PlanRequest, hw: HardwareInventory) -> tuple[GpuInfo, ...]:
@@ -260,10 +270,14 @@ def select_gpus(req: PlanRequest, hw: HardwareInventory) -> tuple[GpuInfo, ...]:
 
 
 def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile: LengthProfile | None, *,
-              with_suggestions: bool = True) -> Plan:
-    """Plan a run from what was read: a pure function (no I/O), about a millisecond."""
+              with_suggestions: bool = True, calibration: Calibration | None = None) -> Plan:
+    """Plan a run from what was read: a pure function (no I/O), about a millisecond.
+
+    A `calibration` applies only when it was measured on the plan's card."""
     check_request(req)
     gpus = select_gpus(req, hw)
+    if calibration is not None and not all(calibration.matches(g) for g in gpus):
+        calibration = None
     warnings: list[str] = []
     knobs = req.knobs
     fixed = set(req.fixed)
@@ -287,8 +301,8 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
 
     free = min(g.free_gib for g in gpus)
     advice = advise(spec, knobs, budget_bytes(free, req.headroom), gpus=len(gpus),
-                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed))
-    plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings))
+                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed), calibration=calibration)
+    plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings), calibration=calibration)
     if advice.fits or not with_suggestions:
         return plan
     warnings.append(f"does not fit: needs {advice.estimate.peak_gib:.1f} GiB, budget {advice.budget_gib:.1f} GiB")
@@ -313,7 +327,8 @@ def _checked(plan: Plan, text: str, flags: tuple[str, ...], req: PlanRequest,
              spec: ModelSpec | None = None, hw: HardwareInventory | None = None) -> Suggestion | None:
     """The suggestion if re-planning the changed request really fits, else None."""
     try:
-        again = make_plan(req, hw or plan.hardware, spec or plan.spec, plan.profile, with_suggestions=False)
+        again = make_plan(req, hw or plan.hardware, spec or plan.spec, plan.profile, with_suggestions=False,
+                          calibration=plan.calibration)
     except UserError:
         return None
     if not again.advice.fits:
@@ -330,7 +345,7 @@ def _release_held(plan: Plan) -> list[Suggestion | None]:
         if len(names) > 1 and any(s is not None for s in out):
             break  # releasing all of them at once is only worth saying when no single one is enough
         freed = make_plan(dataclasses.replace(req, fixed=req.fixed - frozenset(names)), plan.hardware, plan.spec,
-                          plan.profile, with_suggestions=False)
+                          plan.profile, with_suggestions=False, calibration=plan.calibration)
         if not freed.advice.fits:
             continue
         values = {n: getattr(freed.knobs, n) for n in names}
@@ -347,7 +362,7 @@ def _shorter_cutoff(plan: Plan) -> Suggestion | None:
     def fits(n: int) -> bool:
         try:
             again = make_plan(_held(req, cutoff_len=n * 64), plan.hardware, plan.spec, plan.profile,
-                              with_suggestions=False)
+                              with_suggestions=False, calibration=plan.calibration)
         except UserError:
             return False
         return again.advice.fits

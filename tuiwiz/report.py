@@ -48,6 +48,10 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         lines.append(_clip(f"  {t.label:<31}{t.bytes / GIB:7.2f}  {_bar(t.bytes / max(est.peak_bytes, 1), 12)}  "
                            f"{t.why}", width))
     lines.append(f"  {'allocated / reserved':<31}{est.allocated_gib:7.2f} / {est.reserved_gib:.2f}")
+    if est.calibration is not None:
+        runs = est.calibration.calibration.runs
+        lines.append(f"  calibrated from {runs} run{'s' if runs != 1 else ''} on this GPU "
+                     f"({est.calibration.adjust_bytes / GIB:+.2f} GiB)")
     lines.append("  peak moment: " + ("inside a decoder layer (recompute, gradients)" if est.peak_at == "layer"
                                       else "the output head's first backward tile"))
     if a.reasons:

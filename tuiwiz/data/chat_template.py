@@ -41,6 +41,14 @@ class TemplateError(Exception):
     """The chat template refused a conversation (its own `raise_exception`, or a jinja error)."""
 
 
+class TemplateSyntaxError(TemplateError):
+    """The chat template's text does not compile: a fault of the template, not of any sample."""
+
+    def __init__(self, lineno: int | None, message: str) -> None:
+        self.lineno, self.message = lineno, message
+        super().__init__(f"syntax error at line {lineno}: {message}" if lineno else f"syntax error: {message}")
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> Any:
     """Compile once per template text: compiling is ~100x the cost of one render."""
@@ -106,7 +114,7 @@ def compile_template(source: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise TemplateError(f"the chat template does not compile (line {e.lineno}: {e.message})") from None
+        raise TemplateSyntaxError(e.lineno, e.message or "invalid template") from None
 
 
 def render(

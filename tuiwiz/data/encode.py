@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from tuiwiz.data.chat_template import DEFAULT_CHAT_TEMPLATE, TemplateError, compile_template, render
+from tuiwiz.data.chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    TemplateError,
+    TemplateSyntaxError,
+    compile_template,
+    render,
+)
 from tuiwiz.data.layouts import Sample
 from tuiwiz.data.tokenizer import CountingTokenizer, EncodingLike
 from tuiwiz.errors import UserError
@@ -46,8 +52,22 @@ class EncodedSample:
         return len(self.input_ids)
 
 
+def template_source(tok: CountingTokenizer) -> str:
+    """Where the template rendering `tok`'s conversations comes from, as messages name it."""
+    if tok.chat_template:
+        return tok.chat_template_source or f"{tok.name}: chat_template"
+    return "the built-in default chat template"
+
+
 def template_for(tok: CountingTokenizer) -> Any:
-    return compile_template(tok.chat_template or DEFAULT_CHAT_TEMPLATE)
+    """The compiled chat template; one that does not compile is a UserError naming its file.
+
+    Call it once before reading samples: a syntax error is the template's fault, not a row's.
+    """
+    try:
+        return compile_template(tok.chat_template or DEFAULT_CHAT_TEMPLATE)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{template_source(tok)}: {e}.", field="tokenizer") from None
 
 
 def _find(full: str, needle: str, start: int) -> tuple[int, int] | None:
@@ -182,8 +202,11 @@ def token_spans(r: Rendered, enc: EncodingLike) -> list[tuple[int, int]]:
     return out
 
 
-def _chat_error(sample: Sample, err: TemplateError) -> UserError:
-    return UserError(f"{sample.where()}: the chat template rejected this conversation ({err}).")
+def chat_error(sample: Sample, tok: CountingTokenizer, err: TemplateError, path: str | None = None) -> UserError:
+    """A conversation the template refused: names the sample (file and line) and the template."""
+    where = f"{path}: {sample.where()}" if path else sample.where()
+    return UserError(f"{where}: the chat template rejected this conversation ({err}; template: {template_source(tok)}).",
+                     field="dataset")
 
 
 def encode_sample(sample: Sample, tokenizer: CountingTokenizer) -> EncodedSample:
@@ -192,7 +215,7 @@ def encode_sample(sample: Sample, tokenizer: CountingTokenizer) -> EncodedSample
     try:
         r = render_sample(sample, tokenizer)
     except TemplateError as e:
-        raise _chat_error(sample, e) from None
+        raise chat_error(sample, tokenizer, e) from None
     enc = encode_rendered([r], tokenizer)[0]
     ids = list(enc.ids)
     mask = [0] * len(ids)

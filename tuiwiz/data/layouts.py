@@ -12,16 +12,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping, get_args
 
-from tuiwiz.data.readers import ReadReport, Record, iter_records
-from tuiwiz.errors import UserError
+from tuiwiz.data.readers import FIELD, ReadReport, Record, iter_records
+from tuiwiz.errors import BadValue, UserError
+from tuiwiz.userfile import expand
 
-LAYOUTS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
-LAYOUT_HELP = (
-    "alpaca (instruction, input, output), sharegpt (conversations: [{from, value}]), "
-    "messages (messages: [{role, content}]), prompt_completion (prompt, completion), text (text)"
-)
+#: The dataset layouts tuiwiz reads: the one list the CLI, the TUI and presets offer.
+Layout = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+#: Each layout's keys, as the help and error messages show them.
+LAYOUT_KEYS: dict[str, str] = {
+    "alpaca": "instruction, input, output",
+    "sharegpt": "conversations: [{from, value}]",
+    "messages": "messages: [{role, content}]",
+    "prompt_completion": "prompt, completion",
+    "text": "text",
+}
+LAYOUT_HELP = ", ".join(f"{name} ({LAYOUT_KEYS[name]})" for name in LAYOUTS)
 
 # Our field names per layout, with their default keys in the file.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
@@ -68,7 +77,7 @@ class Sample:
     line: int | None = None
 
     def where(self) -> str:
-        return f"line {self.line}" if self.line is not None else f"sample {self.index}"
+        return f"line {self.line}" if self.line is not None else f"row {self.index + 1}"
 
 
 class BadSample(ValueError):
@@ -104,7 +113,8 @@ def detect_layout(data: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     keys = ", ".join(sorted(map(str, data.keys()))[:12]) or "(none)"
     raise UserError(
         f"cannot tell the dataset layout from its keys ({keys}). Known layouts: {LAYOUT_HELP}. "
-        "Pass --layout and map your keys with a column mapping (e.g. instruction=question,output=answer)."
+        "Set the layout and map your keys to its fields (e.g. instruction=question, output=answer).",
+        field="layout",
     )
 
 
@@ -276,7 +286,7 @@ def normalize(record: Record, layout: str, cols: Mapping[str, str], system_promp
         return Sample(idx, "completion", prompt=_text(prompt, cols["prompt"]), completion=_text(completion, cols["completion"]), line=line)
     if layout == "text":
         return Sample(idx, "text", text=_text(need("text"), cols["text"]), line=line)
-    raise UserError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}.")
+    raise BadValue("layout", layout, f"must be one of {', '.join(LAYOUTS)}")
 
 
 def untrainable_reason(sample: Sample, path: str) -> str | None:
@@ -289,7 +299,7 @@ def untrainable_reason(sample: Sample, path: str) -> str | None:
     roles = ", ".join(m["role"] for m in msgs) or "no messages"
     return (
         f"{path}: {sample.where()} has no assistant turn to train on (roles: {roles}); "
-        "every sample needs at least one assistant/gpt reply (check the role names or --layout)."
+        "every sample needs at least one assistant/gpt reply (check the role names or the layout)."
     )
 
 
@@ -298,8 +308,49 @@ def untrainable_reason(sample: Sample, path: str) -> str | None:
 
 def _dataset_fields(dataset: Any) -> tuple[Path, str | None, dict[str, str] | None, str | None]:
     if isinstance(dataset, (str, Path)):
-        return Path(dataset).expanduser(), None, None, None
-    return Path(dataset.path).expanduser(), dataset.layout, dataset.columns, dataset.system_prompt
+        return expand(dataset, field=FIELD), None, None, None
+    return expand(dataset.path, field=FIELD), dataset.layout, dataset.columns, dataset.system_prompt
+
+
+def _layout_and_columns(record: Record, layout: str | None, columns: Mapping[str, str] | None,
+                        path: Path) -> tuple[str, dict[str, str]]:
+    """The layout (given, else detected from this first record) and its file keys."""
+    if layout is None:
+        try:
+            layout, found = detect_layout(record.data)
+        except UserError as e:
+            raise UserError(f"{path}: {_where(record)}: {e}", field=e.field) from None
+    else:
+        found = {}
+        if layout in ("sharegpt", "messages") and not (columns or {}).get("messages"):
+            for key in ("messages", "conversations", "conversation", "chat"):
+                if isinstance(record.data.get(key), list):
+                    found = {"messages": key}
+                    break
+    return layout, resolve_columns(layout, found, columns)
+
+
+def _where(record: Record) -> str:
+    return f"line {record.line}" if record.line is not None else f"row {record.index + 1}"
+
+
+def _skip_reason(record: Record, layout: str, problem: BadSample, origin: str) -> str:
+    """Why a record was skipped; a row written in another layout says so, since that is the fix."""
+    try:
+        other, _ = detect_layout(record.data)
+    except UserError:
+        other = None
+    if other is not None and other != layout:
+        article = "an" if other[0] in "aeiou" else "a"
+        return f"{article} {other} row in a {layout} dataset (layout {origin})"
+    return str(problem)
+
+
+def _skip(report: ReadReport, record: Record, reason: str) -> None:
+    if record.line is not None:
+        report.bad(reason, line=record.line)
+    else:
+        report.bad(reason, row=record.index + 1)
 
 
 def iter_conversations(
@@ -319,50 +370,40 @@ def iter_conversations(
     its role names are not recognised). An empty dataset is a UserError.
     """
     path, ref_layout, columns, system_prompt = _dataset_fields(dataset)
-    layout = layout or ref_layout
-    if layout is not None and layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}; known layouts: {LAYOUT_HELP}.")
+    given = layout or ref_layout
+    if given is not None and given not in LAYOUTS:
+        raise BadValue("layout", given, f"must be one of {', '.join(LAYOUTS)}")
     report = report if report is not None else ReadReport()
-    records = iter_records(path, report, strict=strict)
-    cols: dict[str, str] | None = None
+    cols: dict[str, str] = {}
+    used = given or ""
+    origin = "as set"
     yielded = 0
     first_untrainable: str | None = None
-    for record in records:
-        if cols is None:
-            if layout is None:
-                try:
-                    layout, found = detect_layout(record.data)
-                except UserError as e:
-                    raise UserError(f"{path}: {e}") from None
-            else:
-                found = {}
-                if layout in ("sharegpt", "messages") and not (columns or {}).get("messages"):
-                    for key in ("messages", "conversations", "conversation", "chat"):
-                        if isinstance(record.data.get(key), list):
-                            found = {"messages": key}
-                            break
-            cols = resolve_columns(layout, found, columns)
+    for record in iter_records(path, report, strict=strict):
+        if not cols:
+            used, cols = _layout_and_columns(record, given, columns, path)
+            origin = "as set" if given else f"detected from {_where(record)}"
             if detected is not None:
-                detected.append(layout)
+                detected.append(used)
         try:
-            sample = normalize(record, layout, cols, system_prompt)
+            sample = normalize(record, used, cols, system_prompt)
         except BadSample as e:
-            where = f"line {record.line}" if record.line is not None else f"sample {record.index}"
             if strict:
-                raise UserError(f"{path}: {where}: {e}.") from None
-            report.bad(record.line if record.line is not None else record.index, str(e))
+                raise UserError(f"{path}: {_where(record)}: {e}.", field=FIELD) from None
+            _skip(report, record, _skip_reason(record, used, e, origin))
             continue
         reason = untrainable_reason(sample, str(path))
         if reason is not None:
             if strict or first_untrainable is None and record.index >= 1000 and yielded == 0:
-                raise UserError(reason)
+                raise UserError(reason, field=FIELD)
             first_untrainable = first_untrainable or reason
-            report.bad(record.line if record.line is not None else record.index, "no assistant turn")
+            _skip(report, record, "no assistant turn")
             continue
         yielded += 1
         yield sample
     if yielded == 0:
         if first_untrainable is not None:
-            raise UserError(first_untrainable)
-        extra = f" ({report.skipped} malformed record(s) skipped, first at line {report.bad_lines[0][0]})" if report.bad_lines else ""
-        raise UserError(f"{path}: the dataset is empty: no samples to profile or train on{extra}.")
+            raise UserError(first_untrainable, field=FIELD)
+        first = report.first
+        extra = f" ({report.skipped} malformed record(s) skipped, first at {first.where()}: {first.reason})" if first else ""
+        raise UserError(f"{path}: the dataset is empty: no samples to profile or train on{extra}.", field=FIELD)

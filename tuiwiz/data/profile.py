@@ -4,27 +4,26 @@ Hot path: normalize + render in Python (the compiled template is cached), tokeni
 chunks with the Rust `encode_batch` (multi-threaded, and it releases the GIL, so rendering
 of the next chunk overlaps it on a second thread). Per-sample results go into compact
 arrays (4 bytes per number), never per-sample objects; only the top-k longest are kept
-whole. `--sample N` keeps a uniform reservoir of N samples while streaming.
+whole. With `sample=N` a uniform reservoir of N samples is kept while streaming.
 """
 
 from __future__ import annotations
 
 import heapq
-
 import random
 import threading
 from array import array
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from tuiwiz.data.chat_template import TemplateError
-from tuiwiz.data.encode import Rendered, encode_rendered, render_sample, token_spans
+from tuiwiz.data.encode import Rendered, chat_error, encode_rendered, render_sample, template_for, token_spans
 from tuiwiz.data.layouts import Sample, iter_conversations
-from tuiwiz.data.readers import ReadReport
+from tuiwiz.data.readers import ReadReport, SkippedRow
 from tuiwiz.data.stats import (
+    PERCENTILE_RANGE,
     PERCENTILES,
     bfd_bins,
     histogram,
@@ -33,8 +32,8 @@ from tuiwiz.data.stats import (
     percentile_from_counts,
     round_cutoff,
 )
-from tuiwiz.data.tokenizer import APPROX_HINT, CountingTokenizer
-from tuiwiz.errors import CancelledError, UserError
+from tuiwiz.data.tokenizer import APPROX_HINT, CountingTokenizer, EncodingLike
+from tuiwiz.errors import BadValue, CancelledError
 
 CHUNK = 512
 PREVIEW_CHARS = 100
@@ -79,8 +78,8 @@ class LengthProfile:
     tokenizer: str
     approximate: bool
     samples: int  # samples profiled
-    skipped: int
-    bad_lines: list[tuple[int, str]]
+    skipped: int  # records left out (malformed, another layout, no assistant turn)
+    skipped_examples: list[SkippedRow]  # the first few of them, in file order
     lengths: array  # total tokens per sample ('I')
     trained: array  # trained tokens per sample ('I')
     span_offsets: array  # per-sample start into span_flat ('Q'); len = samples + 1
@@ -88,7 +87,7 @@ class LengthProfile:
     longest: list[LongSample]
     percentile: float
     max_positions: int | None
-    population: int | None = None  # samples seen when --sample was used
+    population: int | None = None  # samples seen when a uniform sample was profiled
     seed: int = 0
     counts: Counter = field(default_factory=Counter)
     stats: dict[str, float] = field(default_factory=dict)
@@ -113,6 +112,18 @@ class LengthProfile:
         self.suggested_cutoff = round_cutoff(self.value_at(self.percentile), cap=self.max_positions) if n else 0
 
     # -------------------------------------------------------------- queries
+
+    @property
+    def first_skipped(self) -> SkippedRow | None:
+        return self.skipped_examples[0] if self.skipped_examples else None
+
+    def skipped_note(self) -> str | None:
+        """One line for reports: how many records were left out, and the first one and why."""
+        first = self.first_skipped
+        if not self.skipped or first is None:
+            return None
+        rows = "record" if self.skipped == 1 else "records"
+        return f"{self.skipped:,} {rows} skipped; first at {first.where()}: {first.reason}"
 
     def value_at(self, p: float) -> int:
         return percentile_from_counts(self.counts, self.samples, p)
@@ -144,9 +155,9 @@ class LengthProfile:
     def at_cutoff(self, cutoff: int, micro_batch: int = 1, packing: bool = False) -> CutoffStats:
         """Truncation and efficiency at another cutoff, without re-tokenizing (for live edits)."""
         if cutoff < 1:
-            raise UserError(f"cutoff_len must be >= 1, got {cutoff}.")
+            raise BadValue("cutoff_len", cutoff, "must be at least 1")
         if micro_batch < 1:
-            raise UserError(f"micro_batch_size must be >= 1, got {micro_batch}.")
+            raise BadValue("micro_batch_size", micro_batch, "must be at least 1")
         n = self.samples
         truncated = sum(c for length, c in self.counts.items() if length > cutoff)
         kept = sum(min(length, cutoff) * c for length, c in self.counts.items())
@@ -175,7 +186,11 @@ class LengthProfile:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """Plain data for --json and the planner. Keys listed in the brief are always present."""
+        """Plain data for JSON output and the planner; every key is always present (zero or None if unknown).
+
+        `skipped_rows` is {"count", "first", "examples"}: `first` and each example are
+        {"line", "row", "reason"} (line for text files, row for Parquet/Arrow; the other None).
+        """
         st = self.stats
         cs = self.cutoff_stats
         edges, hist = self.histogram()
@@ -203,7 +218,11 @@ class LengthProfile:
             "at_cutoff": cs.to_json() if cs else None,
             "histogram": {"edges": edges, "counts": hist},
             "longest": [ls.__dict__ for ls in self.longest],
-            "bad_lines": [{"line": line, "reason": reason} for line, reason in self.bad_lines],
+            "skipped_rows": {
+                "count": self.skipped,
+                "first": self.first_skipped.to_json() if self.first_skipped else None,
+                "examples": [row.to_json() for row in self.skipped_examples],
+            },
         }
         if self.approximate:
             out["note"] = APPROX_HINT
@@ -259,6 +278,111 @@ def _chunks(it: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
+def check_profile_args(percentile: float, sample: int | None) -> None:
+    """Refuse a percentile outside PERCENTILE_RANGE and a sample size below 1 (BadValue)."""
+    lo, hi = PERCENTILE_RANGE
+    if not lo <= percentile <= hi:
+        raise BadValue("percentile", percentile, f"must be between {lo:g} and {hi:g}")
+    if sample is not None and sample < 1:
+        raise BadValue("sample", sample, "must be a positive number of samples")
+
+
+class _Watch:
+    """Progress reports and cancellation checks, shared by every step of one profiling run."""
+
+    def __init__(self, progress: Progress | None, cancel: threading.Event | None, report: ReadReport) -> None:
+        self.progress, self.cancel, self.report = progress, cancel, report
+        self.total: int | None = None  # known once sampled; else the reader's hint
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise CancelledError("profiling cancelled")
+
+    def tick(self, done: int) -> None:
+        self.check()
+        if self.progress:
+            self.progress(done, self.total if self.total is not None else self.report.total_hint)
+
+
+class _Tally:
+    """Per-sample results in compact arrays (4-8 bytes a number) plus the top-k longest, whole."""
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+        self.lengths, self.trained = array("I"), array("I")
+        self.span_offsets, self.span_flat = array("Q", [0]), array("I")
+        self._heap: list[tuple[int, int, LongSample]] = []
+
+    def add(self, sample: Sample, rendered: Rendered, enc: EncodingLike) -> None:
+        n, t = len(enc), 0
+        for a, b in token_spans(rendered, enc):
+            self.span_flat.append(a)
+            self.span_flat.append(b)
+            t += b - a
+        self.span_offsets.append(len(self.span_flat))
+        self.lengths.append(n)
+        self.trained.append(t)
+        self._keep_if_long(sample, n, t)
+
+    def _keep_if_long(self, sample: Sample, n: int, trained: int) -> None:
+        heap = self._heap
+        if self.top_k <= 0 or (len(heap) >= self.top_k and n <= heap[0][0]):
+            return
+        entry = (n, -sample.index, LongSample(sample.index, sample.line, n, trained, _preview(sample)))
+        if len(heap) < self.top_k:
+            heapq.heappush(heap, entry)
+        else:
+            heapq.heapreplace(heap, entry)
+
+    def longest(self) -> list[LongSample]:
+        return [e[2] for e in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
+
+
+def _select(stream: Iterator[Sample], sample: int | None, seed: int, watch: _Watch) -> tuple[Iterable[Sample], int | None]:
+    """All samples, streamed; or a uniform reservoir of `sample` of them and the population size."""
+    if sample is None:
+        return stream, None
+    kept, population = _reservoir(stream, sample, seed, watch.tick)
+    watch.total = len(kept)
+    return kept, population
+
+
+def _render_chunk(chunk: list[Sample], tokenizer: CountingTokenizer, path: str) -> list[Rendered]:
+    """Render a chunk; a conversation the template refuses is an error naming the file and line."""
+    out = []
+    for s in chunk:
+        try:
+            out.append(render_sample(s, tokenizer))
+        except TemplateError as e:
+            raise chat_error(s, tokenizer, e, path) from None
+    return out
+
+
+def _count(samples: Iterable[Sample], tokenizer: CountingTokenizer, path: str, tally: _Tally, watch: _Watch) -> None:
+    """Render chunk i+1 while a second thread tokenizes chunk i (the Rust encoder releases the GIL)."""
+    done = 0
+
+    def collect(chunk: list[Sample], rendered: list[Rendered], fut: Future) -> None:
+        nonlocal done
+        for s, r, enc in zip(chunk, rendered, fut.result()):
+            tally.add(s, r, enc)
+        done += len(chunk)
+        watch.tick(done)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuiwiz-encode") as pool:
+        pending: tuple[list[Sample], list[Rendered], Future] | None = None
+        for chunk in _chunks(samples, CHUNK):
+            watch.check()
+            rendered = _render_chunk(chunk, tokenizer, path)
+            fut = pool.submit(encode_rendered, rendered, tokenizer)
+            if pending is not None:
+                collect(*pending)
+            pending = (chunk, rendered, fut)
+        if pending is not None:
+            collect(*pending)
+    watch.check()
+
+
 def profile_dataset(
     dataset: Any,
     tokenizer: CountingTokenizer,
@@ -278,115 +402,41 @@ def profile_dataset(
 ) -> LengthProfile:
     """Count every sample exactly as the trainer will see it and summarise.
 
-    `dataset`: a DatasetRef or a path. `percentile` (95..99) picks the suggested cutoff,
-    rounded up to a multiple of 64 and capped at `max_positions` (default: the tokenizer's).
-    `cutoff` (default: the suggestion) is what truncation and efficiency are reported at.
-    `progress(done, total|None)` is called per chunk; `cancel.set()` stops with CancelledError.
+    `dataset`: a DatasetRef or a path. `percentile` (PERCENTILE_RANGE) picks the suggested
+    cutoff, rounded up to a multiple of 64 and capped at `max_positions` (default: the
+    tokenizer's). `cutoff` (default: the suggestion) is what truncation and efficiency are
+    reported at. `progress(done, total|None)` is called per chunk; `cancel.set()` stops with
+    CancelledError. The chat template is compiled first, so a broken one is reported once,
+    naming its file, before any row is read.
     """
-    if not 95 <= percentile <= 99:
-        raise UserError(f"--percentile must be between 95 and 99, got {percentile:g}.")
-    if sample is not None and sample < 1:
-        raise UserError(f"--sample must be a positive number of samples, got {sample}.")
-    if max_positions is None:
-        max_positions = tokenizer.max_positions
-    report = ReadReport()
-    detected: list[str] = []
-    stream = iter_conversations(dataset, layout=layout, strict=strict, report=report, detected=detected)
+    check_profile_args(percentile, sample)
+    template_for(tokenizer)
+    report, detected = ReadReport(), []
     path = str(getattr(dataset, "path", dataset))
-
-    def check_cancel() -> None:
-        if cancel is not None and cancel.is_set():
-            raise CancelledError("profiling cancelled")
-
-    population: int | None = None
-    total: int | None
-    if sample is not None:
-        def tick(seen: int) -> None:
-            check_cancel()
-            if progress:
-                progress(seen, report.total_hint)
-
-        samples_iter: Iterable[Sample]
-        kept, population = _reservoir(stream, sample, seed, tick)
-        samples_iter, total = kept, len(kept)
-    else:
-        samples_iter, total = stream, None
-
-    lengths, trained = array("I"), array("I")
-    span_offsets, span_flat = array("Q", [0]), array("I")
-    heap: list[tuple[int, int, LongSample]] = []
-    done = 0
-
-    def render_chunk(chunk: list[Sample]) -> list[Rendered]:
-        out = []
-        for s in chunk:
-            try:
-                out.append(render_sample(s, tokenizer))
-            except TemplateError as e:
-                raise UserError(f"{path}: {s.where()}: the chat template rejected this conversation ({e}).") from None
-        return out
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuiwiz-encode") as pool:
-        pending: tuple[list[Sample], list[Rendered], Future] | None = None
-
-        def collect(item: tuple[list[Sample], list[Rendered], Future]) -> None:
-            nonlocal done
-            chunk, rendered, fut = item
-            encs = fut.result()
-            for s, r, enc in zip(chunk, rendered, encs):
-                n = len(enc)
-                spans = token_spans(r, enc)
-                t = 0
-                for a, b in spans:
-                    span_flat.append(a)
-                    span_flat.append(b)
-                    t += b - a
-                span_offsets.append(len(span_flat))
-                lengths.append(n)
-                trained.append(t)
-                if top_k > 0 and (len(heap) < top_k or n > heap[0][0]):
-                    entry = (n, -s.index, LongSample(s.index, s.line, n, t, _preview(s)))
-                    if len(heap) < top_k:
-                        heapq.heappush(heap, entry)
-                    else:
-                        heapq.heapreplace(heap, entry)
-            done += len(chunk)
-            if progress:
-                progress(done, total if total is not None else report.total_hint)
-
-        for chunk in _chunks(samples_iter, CHUNK):
-            check_cancel()
-            rendered = render_chunk(chunk)
-            fut = pool.submit(encode_rendered, rendered, tokenizer)
-            if pending is not None:
-                collect(pending)
-            pending = (chunk, rendered, fut)
-        if pending is not None:
-            collect(pending)
-        check_cancel()
-
-    longest = [e[2] for e in sorted(heap, key=lambda e: (-e[0], -e[1]))]
+    watch = _Watch(progress, cancel, report)
+    stream = iter_conversations(dataset, layout=layout, strict=strict, report=report, detected=detected)
+    samples, population = _select(stream, sample, seed, watch)
+    tally = _Tally(top_k)
+    _count(samples, tokenizer, path, tally, watch)
     prof = LengthProfile(
         path=path,
         layout=detected[0] if detected else (layout or "?"),
         tokenizer=tokenizer.name,
         approximate=tokenizer.approximate,
-        samples=len(lengths),
+        samples=len(tally.lengths),
         skipped=report.skipped,
-        bad_lines=list(report.bad_lines),
-        lengths=lengths,
-        trained=trained,
-        span_offsets=span_offsets,
-        span_flat=span_flat,
-        longest=longest,
+        skipped_examples=list(report.examples),
+        lengths=tally.lengths,
+        trained=tally.trained,
+        span_offsets=tally.span_offsets,
+        span_flat=tally.span_flat,
+        longest=tally.longest(),
         percentile=percentile,
-        max_positions=max_positions,
+        max_positions=max_positions if max_positions is not None else tokenizer.max_positions,
         population=population,
         seed=seed,
     )
     if population is not None and prof.samples:
-        prof.percentile_ci = percentile_ci(sorted(lengths), percentile)
+        prof.percentile_ci = percentile_ci(sorted(tally.lengths), percentile)
     prof.cutoff_stats = prof.at_cutoff(cutoff or prof.suggested_cutoff, micro_batch, packing)
     return prof
-
-

@@ -39,8 +39,10 @@ def render_text_report(profile: LengthProfile, width: int = 80) -> str:
         lines.append(f"  ! {APPROX_HINT}")
     sampled = f" (uniform sample of {profile.population:,})" if profile.population is not None else ""
     lines.append(f"Samples  {profile.samples:,}{sampled}   skipped {profile.skipped:,}")
-    for line, reason in profile.bad_lines:
-        lines.append(clip(f"  skipped line {line}: {reason}", width))
+    for row in profile.skipped_examples:
+        lines.append(clip(f"  skipped {row.where()}: {row.reason}", width))
+    if profile.skipped > len(profile.skipped_examples):
+        lines.append(f"  ... and {profile.skipped - len(profile.skipped_examples):,} more")
     if not profile.samples:
         return "\n".join(lines)
     lines.append("")

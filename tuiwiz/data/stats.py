@@ -11,6 +11,9 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 PERCENTILES = (50, 90, 95, 98, 99)
+#: The percentiles a suggested cutoff may be taken at (inclusive): below 95 truncates too
+#: much to be a sensible default, and above 99 the nearest rank is the longest outliers.
+PERCENTILE_RANGE = (95.0, 99.0)
 
 
 def percentile_from_counts(counts: Counter[int], n: int, p: float) -> int:

@@ -16,19 +16,22 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from tuiwiz.errors import NotFound, UserError
 from tuiwiz.jsonfile import read_json_object
-from tuiwiz.models import find_in_hf_cache as find_file_in_hf_cache
-from tuiwiz.errors import UserError
+from tuiwiz.models import find_in_hf_cache
+from tuiwiz.userfile import check_regular_file, expand, read_text, stat_path
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TIKTOKEN_ENCODING = "o200k_base"
 _TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
-APPROX_HINT = "counts are approximate; pass --tokenizer DIR (a folder with tokenizer.json) for exact counts"
+APPROX_HINT = "counts are approximate; give the model's tokenizer folder (with tokenizer.json) for exact counts"
+FIELD = "tokenizer"
 
 
 class EncodingLike(Protocol):
@@ -47,6 +50,8 @@ class CountingTokenizer:
     name: str = "?"
     approximate: bool = False
     chat_template: str | None = None
+    #: where `chat_template` came from, for messages ("…/tokenizer_config.json: chat_template")
+    chat_template_source: str | None = None
     max_positions: int | None = None
     #: template kwargs, as transformers' `special_tokens_map` (bos_token, eos_token, ...)
     special: dict[str, str]
@@ -80,35 +85,20 @@ class HFTokenizer(CountingTokenizer):
     def __init__(self, tokenizer_json: Path, config: dict[str, Any], name: str, max_positions: int | None) -> None:
         from tokenizers import Tokenizer
 
+        check_regular_file(tokenizer_json, field=FIELD, what="tokenizer.json")
         try:
             self._tok = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:  # the Rust side raises plain Exception
-            raise UserError(f"{tokenizer_json}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]}).") from None
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{tokenizer_json}: not a valid tokenizer.json ({first}).", field=FIELD) from None
         self._tok.no_truncation()
         self._tok.no_padding()
         self.name = name
         self.approximate = False
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: transformers picks "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is None:
-            jinja = tokenizer_json.parent / "chat_template.jinja"
-            if jinja.is_file():
-                template = jinja.read_text(encoding="utf-8")
-        self.chat_template = template if isinstance(template, str) else None
-        self.special = {}
-        for key in _SPECIAL_KEYS:
-            value = config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                self.special[key] = value
-        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
-        if isinstance(extra, list):
-            self.special["additional_special_tokens"] = [t["content"] if isinstance(t, dict) else t for t in extra]  # type: ignore[assignment]
+        self.chat_template, self.chat_template_source = _chat_template(tokenizer_json.parent, config)
+        self.special = _special_tokens(config)
         model_max = config.get("model_max_length")
-        if max_positions is None and isinstance(model_max, int) and 0 < model_max < 10_000_000:
+        if max_positions is None and type(model_max) is int and 0 < model_max < 10_000_000:
             max_positions = model_max
         self.max_positions = max_positions
         markers = {v for k, v in self.special.items() if k == "eos_token" and isinstance(v, str)}
@@ -133,6 +123,37 @@ class HFTokenizer(CountingTokenizer):
                 piece = self._tok.id_to_token(i) or piece
             out.append(piece)
         return out
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The template text and where it came from: tokenizer_config.json, else chat_template.jinja."""
+    template = config.get("chat_template")
+    source = f"{folder / 'tokenizer_config.json'}: chat_template"
+    if isinstance(template, list):  # named templates: transformers picks "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        source += " (default)"
+    if template is None:
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return read_text(jinja, field=FIELD, what="chat template file"), str(jinja)
+    return (template, source) if isinstance(template, str) else (None, None)
+
+
+def _special_tokens(config: dict[str, Any]) -> dict[str, Any]:
+    """The special-token strings a chat template sees (bos_token, eos_token, ...)."""
+    special: dict[str, Any] = {}
+    for key in _SPECIAL_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            special[key] = value
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        tokens = [t.get("content") if isinstance(t, dict) else t for t in extra]
+        special["additional_special_tokens"] = [t for t in tokens if isinstance(t, str)]
+    return special
 
 
 # ---------------------------------------------------------------- approximate tokenizers
@@ -226,12 +247,6 @@ class HeuristicTokenizer(CountingTokenizer):
 # ---------------------------------------------------------------- resolution
 
 
-def find_in_hf_cache(model_id: str) -> Path | None:
-    """The newest snapshot folder of `model_id` that has a tokenizer.json, without network."""
-    found = find_file_in_hf_cache(model_id, "tokenizer.json")
-    return found.parent if found is not None else None
-
-
 def _max_positions_from_config(folder: Path) -> int | None:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -242,25 +257,27 @@ def _max_positions_from_config(folder: Path) -> int | None:
         return None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = data.get(key) if isinstance(data, dict) else None
-        if isinstance(value, int) and value > 0:
+        if type(value) is int and value > 0:
             return value
     return None
 
 
-def load_hf_tokenizer(path: str | os.PathLike[str], name: str | None = None) -> HFTokenizer:
+def load_tokenizer_folder(path: str | os.PathLike[str], name: str | None = None) -> HFTokenizer:
     """Load a folder holding tokenizer.json (or the tokenizer.json file itself)."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.name.endswith(".json"):
+    p = expand(path, field=FIELD)
+    st = stat_path(p, field=FIELD, what="tokenizer folder or file")
+    if not stat.S_ISDIR(st.st_mode):
+        if not p.name.endswith(".json"):
+            raise UserError(f"{p}: not a tokenizer; give a folder with tokenizer.json, or that file.", field=FIELD)
         folder, tj = p.parent, p
     else:
         folder, tj = p, p / "tokenizer.json"
-    if not folder.exists():
-        raise UserError(f"{p}: no such tokenizer folder or file.")
-    if not tj.is_file():
-        hint = " (it has tokenizer.model: only fast tokenizers, tokenizer.json, are supported)" if (folder / "tokenizer.model").exists() else ""
-        raise UserError(f"{folder}: no tokenizer.json there{hint}; pass --tokenizer DIR with a folder that has one.")
+    if not (tj.exists() or tj.is_symlink()):
+        hint = (" (it has tokenizer.model: only fast tokenizers, tokenizer.json, are supported)"
+                if (folder / "tokenizer.model").exists() else "")
+        raise NotFound(f"{folder}: no tokenizer.json there{hint}; give a folder that has one.", path=tj, field=FIELD)
     cfg_path = folder / "tokenizer_config.json"
-    config = read_json_object(cfg_path) if cfg_path.is_file() else {}
+    config = read_json_object(cfg_path, field=FIELD) if cfg_path.exists() else {}
     return HFTokenizer(tj, config, name or str(folder), _max_positions_from_config(folder))
 
 
@@ -297,14 +314,14 @@ def load_tokenizer(path_or_model_dir: str | None, *, model_id: str | None = None
     the heuristic); its `.approximate` is True and `.describe()` says how to get exact counts.
     """
     if path_or_model_dir:
-        return load_hf_tokenizer(path_or_model_dir)
-    if model_id:
-        local = Path(model_id).expanduser()
+        return load_tokenizer_folder(path_or_model_dir)
+    if model_id and model_id.strip():
+        local = expand(model_id, field="model")
         if local.exists():
-            return load_hf_tokenizer(local)
-        cached = find_in_hf_cache(model_id)
+            return load_tokenizer_folder(local)
+        cached = find_in_hf_cache(model_id, "tokenizer.json")
         if cached is not None:
-            return load_hf_tokenizer(cached, name=model_id)
+            return load_tokenizer_folder(cached.parent, name=model_id)
     approx = load_tiktoken()
     if approx is not None:
         return approx

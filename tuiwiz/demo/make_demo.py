@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import random
 import sys
-from pathlib import Path
+
+from tuiwiz.demo import DEMO_DATASET
 
 SEED = 20240611
 N = 300
-OUT = Path(__file__).with_name("demo.jsonl")
+OUT = DEMO_DATASET
 
 TOPICS = [
     ("sourdough bread", "baking"), ("a home network", "networking"), ("binary search", "algorithms"),

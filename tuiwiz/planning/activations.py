@@ -50,17 +50,13 @@ def residual_bytes(knobs: TrainingKnobs) -> int:
     return 4 if knobs.quant_bits in (4, 8) else 2
 
 
-def compute_bytes(knobs: TrainingKnobs) -> int:
-    return 2  # bf16 or fp16 autocast
+#: Bytes per element of what autocast computes in (bf16 or fp16).
+COMPUTE_BYTES = 2
 
 
 def effective_attn(spec: ModelSpec, knobs: TrainingKnobs) -> str:
     """The attention the worker really gets: transformers refuses SDPA for Gemma 2."""
     return attn_for_model(spec.model_type, knobs.attn)
-
-
-def _norms_per_layer(spec: ModelSpec) -> int:
-    return 4 if spec.model_type == "gemma2" else 2
 
 
 def _mlp_width(spec: ModelSpec) -> int:
@@ -81,7 +77,7 @@ def _lora_saved(name: str, d_in: int, spec: ModelSpec, knobs: TrainingKnobs) -> 
     share one, on quantized and 16-bit bases alike), except o_proj on a quantized base with SDPA,
     whose input is the SDPA output that SDPA keeps anyway.
     """
-    c = compute_bytes(knobs)
+    c = COMPUTE_BYTES
     per = c * knobs.lora_rank
     if knobs.lora_dropout > 0:
         return per + d_in + c * d_in
@@ -96,9 +92,9 @@ def layer_saved_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: 
     Counted by the layer that creates them, so a layer's output (kept by the next layer's norm)
     belongs to it and its input does not.
     """
-    c = compute_bytes(knobs)
+    c = COMPUTE_BYTES
     h, q, kv, i, heads = spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate, spec.heads
-    total = _norms_per_layer(spec) * (4 * h + RSQRT_BYTES)
+    total = spec.norms_per_layer * (4 * h + RSQRT_BYTES)
     attn = effective_attn(spec, knobs)
     if attn == "eager":
         total += 3 * c * q + (4 + c) * heads * seq_len  # q, expanded k and v; fp32 softmax + bf16 copy
@@ -119,12 +115,12 @@ def layer_saved_fixed_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
     """Per layer, independent of tokens: autocast's bf16 copies of fp32 LoRA weights (16-bit
     bases only: on a quantized base SFTTrainer casts the adapters to bf16, so no copy is made),
     and Gemma 2's fp32 `1 + weight` per norm."""
-    c = compute_bytes(knobs)
+    c = COMPUTE_BYTES
     total = 0
     if knobs.quant_bits == 16:
         total += sum(c * knobs.lora_rank * (d_in + d_out) for d_in, d_out in _targets(spec, knobs).values())
     if spec.model_type == "gemma2":
-        total += _norms_per_layer(spec) * 4 * spec.hidden
+        total += spec.norms_per_layer * 4 * spec.hidden
     return total
 
 
@@ -157,23 +153,12 @@ def outside_saved_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int,
     return total
 
 
-def saved_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
-    """Everything the forward pass leaves alive for backward (what the CPU test measures)."""
-    tokens = micro_batch * seq_len
-    if knobs.grad_checkpointing:
-        layers = spec.layers * tokens * checkpoint_bytes_per_token(spec, knobs)
-    else:
-        layers = spec.layers * (tokens * layer_saved_bytes_per_token(spec, knobs, seq_len)
-                                + layer_saved_fixed_bytes(spec, knobs))
-    return layers + outside_saved_bytes(spec, knobs, micro_batch, seq_len)
-
-
 def _eager_backward_moment_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: int) -> int:
     """Alive from one layer when eager attention runs its softmax backward: the attention half of
     what it saved (input norm, q and the head-expanded k and v, the fp32 probabilities, the LoRA
     inputs of q/k/v), plus two fp32 `heads x seq` gradients (of the probabilities, and of the
     softmax). The MLP's saved tensors and the probabilities' bf16 copy are freed by then."""
-    c, h = compute_bytes(knobs), spec.hidden
+    c, h = COMPUTE_BYTES, spec.hidden
     keep = 4 * h + RSQRT_BYTES + 3 * c * spec.q_dim + 4 * spec.heads * seq_len
     keep += sum(_lora_saved(name, d_in, spec, knobs) for name, (d_in, _) in _targets(spec, knobs).items()
                 if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
@@ -193,7 +178,7 @@ def layer_transient_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_l
     With eager attention at long sequences the softmax backward is the busier moment (see
     `_eager_backward_moment_per_token`); the result is then relative to the layer's saved bytes.
     """
-    a, c, i = residual_bytes(knobs), compute_bytes(knobs), _mlp_width(spec)
+    a, c, i = residual_bytes(knobs), COMPUTE_BYTES, _mlp_width(spec)
     if knobs.quant_bits == 16:
         mlp = (12 if knobs.lora_dropout > 0 else 8) * i
     else:
@@ -253,7 +238,7 @@ def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq
     in and out: 14 bytes per logit, `batch x seq x vocab` of them.
     """
     tokens = micro_batch * seq_len
-    c = compute_bytes(knobs)
+    c = COMPUTE_BYTES
     if knobs.loss == "chunked":
         scored = micro_batch * (seq_len - 1)
         rows = min(scored, TRL_TOKEN_CHUNK)
@@ -262,13 +247,6 @@ def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq
             total += min(spec.vocab, TRL_VOCAB_CHUNK) * spec.hidden * c + rows * spec.hidden * c
         return total
     return tokens * spec.vocab * 14
-
-
-def activation_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
-    """Decoder-layer activations when the step peaks inside a layer: what the layers keep plus
-    one layer at its busiest. (When the head's work is bigger, the peak is at the head instead:
-    see `memory.estimate_memory`.)"""
-    return kept_layer_bytes(spec, knobs, micro_batch, seq_len) + busiest_layer_bytes(spec, knobs, micro_batch, seq_len)
 
 
 def logits_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tuiwiz.models import ModelSpec
 from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
 from tuiwiz.planning.memory import GIB, MemoryEstimate, estimate_memory
+
+if TYPE_CHECKING:
+    from tuiwiz.planning.calibration import Calibration
 
 DEFAULT_HEADROOM = 0.10
 DEFAULT_EFFECTIVE_BATCH = 16
@@ -72,10 +76,11 @@ def _pow2_up_to(n: int) -> list[int]:
     return out
 
 
-def _largest_fitting_batch(spec: ModelSpec, knobs: TrainingKnobs, budget: int, cap: int, gpus: int) -> int | None:
+def _largest_fitting_batch(spec: ModelSpec, knobs: TrainingKnobs, budget: int, cap: int, gpus: int,
+                           cal: Calibration | None = None) -> int | None:
     best = None
     for b in _pow2_up_to(cap):
-        if estimate_memory(spec, knobs.replace(micro_batch_size=b), gpus).peak_bytes <= budget:
+        if estimate_memory(spec, knobs.replace(micro_batch_size=b), gpus, cal).peak_bytes <= budget:
             best = b
         else:
             break  # memory is monotone in batch
@@ -126,15 +131,15 @@ def _choose_lora(c: _Choice, fixed: frozenset[str]) -> None:
 
 
 def _choose_checkpointing(c: _Choice, spec: ModelSpec, budget: int, cap: int, gpus: int,
-                          fixed: frozenset[str]) -> None:
+                          fixed: frozenset[str], cal: Calibration | None = None) -> None:
     """Off when some micro-batch fits without it: recomputing every layer costs ~30% compute."""
     if "grad_checkpointing" in fixed:
         return
     off = c.knobs.replace(grad_checkpointing=False)
     if "micro_batch_size" in fixed:
-        use_ckpt = estimate_memory(spec, off, gpus).peak_bytes > budget
+        use_ckpt = estimate_memory(spec, off, gpus, cal).peak_bytes > budget
     else:
-        use_ckpt = _largest_fitting_batch(spec, off, budget, cap, gpus) is None
+        use_ckpt = _largest_fitting_batch(spec, off, budget, cap, gpus, cal) is None
     c.knobs = c.knobs.replace(grad_checkpointing=use_ckpt)
     if use_ckpt:
         c.held_back.append("gradient checkpointing off")
@@ -143,10 +148,10 @@ def _choose_checkpointing(c: _Choice, spec: ModelSpec, budget: int, cap: int, gp
 
 
 def _choose_micro_batch(c: _Choice, spec: ModelSpec, budget: int, cap: int, gpus: int,
-                        fixed: frozenset[str]) -> None:
+                        fixed: frozenset[str], cal: Calibration | None = None) -> None:
     """The largest power of two that fits, up to the target effective batch."""
     if "micro_batch_size" not in fixed:
-        b = _largest_fitting_batch(spec, c.knobs, budget, cap, gpus)
+        b = _largest_fitting_batch(spec, c.knobs, budget, cap, gpus, cal)
         c.knobs = c.knobs.replace(micro_batch_size=b or 1)
         if b:
             more = "" if b >= cap else f"; {b * 2} would not fit"
@@ -178,11 +183,13 @@ def advise(
     gpus: int = 1,
     target_effective_batch: int = DEFAULT_EFFECTIVE_BATCH,
     fixed: frozenset[str] | set[str] = frozenset(),
+    calibration: Calibration | None = None,
 ) -> Advice:
     """Choose the knobs the user left free so the run fits `budget` bytes per GPU.
 
     `base` carries the user's values; names in `fixed` are never changed. What would fit when
     nothing does is the planner's job (`tuiwiz.planner.suggestions_for`): it re-plans each idea.
+    With a `calibration` every estimate it compares with the budget is the calibrated one.
     """
     fixed = frozenset(fixed)
     c = _Choice(base)
@@ -190,10 +197,10 @@ def advise(
     _choose_lora(c, fixed)
     per_step = gpus * (c.knobs.grad_accum if "grad_accum" in fixed else 1)
     cap = c.knobs.micro_batch_size if "micro_batch_size" in fixed else max(1, target_effective_batch // per_step)
-    _choose_checkpointing(c, spec, budget, cap, gpus, fixed)
-    _choose_micro_batch(c, spec, budget, cap, gpus, fixed)
+    _choose_checkpointing(c, spec, budget, cap, gpus, fixed, calibration)
+    _choose_micro_batch(c, spec, budget, cap, gpus, fixed, calibration)
     _choose_accumulation(c, target_effective_batch, gpus, fixed)
-    est = estimate_memory(spec, c.knobs, gpus)
+    est = estimate_memory(spec, c.knobs, gpus, calibration)
     return Advice(c.knobs, est, budget, gpus, tuple(c.reasons), tuple(c.warnings), tuple(c.held_back), c.step_up)
 
 

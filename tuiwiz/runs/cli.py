@@ -1,7 +1,9 @@
 """`tuiwiz launch | runs | attach | stop | resume`: the run-management subcommands.
 
 The lead's `tuiwiz.cli` dispatches these names to `run_command`. Nothing here imports
-torch; `attach` imports Textual only when it opens the monitor.
+torch; `attach` imports Textual only when it opens the monitor. Every line printed fits
+80 columns (a path longer than that is printed alone on its line, never broken); a user
+error is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -9,15 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
+from typing import NoReturn
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import CannotWrite, UserError
 from tuiwiz.runs.control import stop_run
-from tuiwiz.runs.launcher import launch, resume
+from tuiwiz.runs.launcher import LaunchedRun, absolute, launch, resume
 from tuiwiz.runs.paths import RunPaths, default_runs_root, list_run_dirs, resolve_run
+from tuiwiz.runs.preflight import ModelNotLocal
 from tuiwiz.runs.status import RunSummary, summarize
 
 COMMANDS = ("launch", "runs", "attach", "stop", "resume")
+WIDTH = 80
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _runs_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -25,15 +36,24 @@ def _runs_dir_arg(p: argparse.ArgumentParser) -> None:
                    help="where runs live (default: $XDG_DATA_HOME/tuiwiz/runs or ~/.local/share/tuiwiz/runs)")
 
 
+def _start_args(p: argparse.ArgumentParser, *, resuming: bool) -> None:
+    again = " (default: as it was launched)" if resuming else ""
+    p.add_argument("--cpu", action="store_true", default=None if resuming else False,
+                   help="train on the CPU, GPUs hidden: for tiny test models" + again)
+    p.add_argument("--online", action="store_true", default=None if resuming else False,
+                   help="let the worker download the model from the Hugging Face Hub (default: offline)" + again)
+
+
 def _parser(name: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"tuiwiz {name}")
+    p = _Parser(prog=f"tuiwiz {name}")
     if name == "launch":
-        p.description = "Start a training run detached from this terminal and print its id."
+        p.description = "Check, then start a training run detached from this terminal and print its id."
         p.add_argument("preset", type=Path, help="preset YAML written by the wizard or `tuiwiz --auto`")
         p.add_argument("--run-id", default=None, help="name the run directory (default: NAME-DATE-TIME)")
         p.add_argument("--merge", action="store_true", help="also save a merged model (non-quantized bases only)")
+        _start_args(p, resuming=False)
     elif name == "runs":
-        p.description = "List runs with state, progress, loss and age."
+        p.description = "List runs with state, progress, loss and age (and why a failed run failed)."
         p.add_argument("--json", action="store_true", help="machine-readable output")
     elif name == "attach":
         p.description = "Open the monitor on a live or finished run (d detaches, the run goes on)."
@@ -48,8 +68,24 @@ def _parser(name: str) -> argparse.ArgumentParser:
     elif name == "resume":
         p.description = "Continue a stopped or failed run from its last checkpoint (the step count continues)."
         p.add_argument("run", help="run id, unique prefix, directory, or 'last'")
+        _start_args(p, resuming=True)
     _runs_dir_arg(p)
     return p
+
+
+# ------------------------------------------------------------------ output
+
+
+def fit(text: str, width: int = WIDTH, indent: str = "") -> str:
+    """`text` wrapped to `width` at spaces only: a run id or a path is never cut in two."""
+    return textwrap.fill(text, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def clip(text: str, width: int = WIDTH) -> str:
+    """One line of at most `width` columns (runs of whitespace, newlines too, become one space)."""
+    indent = text[: len(text) - len(text.lstrip(" "))]
+    text = indent + " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _fmt_age(seconds: float | None) -> str:
@@ -66,7 +102,7 @@ def _fmt_age(seconds: float | None) -> str:
 
 
 def format_runs_table(rows: list[RunSummary]) -> str:
-    """A table that fits 80 columns: id, state, progress, loss, age."""
+    """A table that fits 80 columns: id, state, progress, loss, age; a failed run's reason below its row."""
     if not rows:
         return "no runs yet; start one with `tuiwiz launch PRESET`."
     lines = [f"{'RUN':<36} {'STATE':<9} {'PROGRESS':>15} {'LOSS':>7} {'AGE':>6}"]
@@ -75,20 +111,67 @@ def format_runs_table(rows: list[RunSummary]) -> str:
         loss = f"{r.loss:.3f}" if r.loss is not None else "-"
         rid = r.run_id if len(r.run_id) <= 36 else r.run_id[:35] + "~"
         lines.append(f"{rid:<36} {r.state:<9} {prog:>15} {loss:>7} {_fmt_age(r.age_s):>6}")
+        if r.state == "failed" and r.message:
+            lines.append(clip(f"  {r.message}"))
     return "\n".join(lines)
 
 
+def start_lines(run: LaunchedRun, what: str) -> list[str]:
+    """What `launch` and `resume` say on stderr after the run id: where it is, how to follow and stop it."""
+    lines = [fit(f"warning: {w}", indent="  ") for w in run.warnings]
+    where = ", on the CPU" if run.cpu else ""
+    lines += [fit(f"{what} {run.run_id} (pid {run.pid}{where}); its files:"),
+              f"  {run.paths.root}",
+              "follow it:", f"  tuiwiz attach {run.run_id}",
+              "stop it:", f"  tuiwiz stop {run.run_id}"]
+    return lines
+
+
+def _print_started(run: LaunchedRun, what: str) -> None:
+    print(run.run_id)  # stdout holds the id alone, for scripts: RUN=$(tuiwiz launch p.yaml)
+    print("\n".join(start_lines(run, what)), file=sys.stderr)
+
+
+_NOT_RUNNING = {"finished": "has finished", "failed": "has failed", "stopped": "is already stopped"}
+
+
+def _stop_message(paths: RunPaths, result: str, state: str) -> str:
+    rid = paths.run_id
+    return fit({
+        "not-running": f"{rid} {_NOT_RUNNING.get(state, f'is not running ({state})')}; nothing to stop.",
+        "requested": f"{rid}: stop requested; it saves a checkpoint and exits (stop again to kill).",
+        "stopped": f"{rid}: stopped.",
+        "killed": f"{rid}: killed without saving.",
+    }[result])
+
+
+def error_line(name: str, err: UserError) -> str:
+    """The one line a user error prints: the core's message, then the flag that fixes it, if any."""
+    hint = ""
+    if isinstance(err, ModelNotLocal):
+        hint = f" Or `tuiwiz {name} --online` lets the worker download it."
+    elif err.field == "gpus":
+        hint = f" `tuiwiz {name} --cpu` trains on the CPU instead (tiny test models only)."
+    elif isinstance(err, CannotWrite) or err.field == "runs_dir":
+        hint = " --runs-dir DIR keeps runs elsewhere."
+    elif err.field == "run":
+        hint = " --runs-dir DIR if they live elsewhere."
+    return f"tuiwiz {name}: {err}{hint}"
+
+
+# ------------------------------------------------------------------ commands
+
+
 def _root(args: argparse.Namespace) -> Path:
-    return (args.runs_dir or default_runs_root()).expanduser()
+    """The runs folder, absolute: the worker runs in its run directory, not here."""
+    return absolute(args.runs_dir or default_runs_root())
 
 
 def _dispatch(name: str, args: argparse.Namespace) -> int:
     root = _root(args)
     if name == "launch":
-        run = launch(args.preset, root, run_id=args.run_id, merge=args.merge)
-        print(run.run_id)
-        print(f"  dir: {run.paths.root}\n  follow: tuiwiz attach {run.run_id}   stop: tuiwiz stop {run.run_id}",
-              file=sys.stderr)
+        run = launch(args.preset, root, run_id=args.run_id, merge=args.merge, online=args.online, cpu=args.cpu)
+        _print_started(run, "started")
         return 0
     if name == "runs":
         rows = [summarize(RunPaths(d)) for d in list_run_dirs(root)]
@@ -100,18 +183,14 @@ def _dispatch(name: str, args: argparse.Namespace) -> int:
         return 0
     paths = resolve_run(args.run, root)
     if name == "stop":
-        result = stop_run(paths, force=args.force, wait=args.wait, kill_after=args.kill_after)
-        msg = {
-            "not-running": f"{paths.run_id} is not running ({summarize(paths).state}).",
-            "requested": f"{paths.run_id}: stop requested; it saves a checkpoint and exits (stop again to kill).",
-            "stopped": f"{paths.run_id}: stopped.",
-            "killed": f"{paths.run_id}: killed without saving.",
-        }[result]
-        print(msg)
+        state = summarize(paths).state
+        result = "not-running" if state != "running" else stop_run(
+            paths, force=args.force, wait=args.wait, kill_after=args.kill_after)
+        print(_stop_message(paths, result, summarize(paths).state if result == "not-running" else state))
         return 0
     if name == "resume":
-        run = resume(paths)
-        print(run.run_id)
+        run = resume(paths, online=args.online, cpu=args.cpu)
+        _print_started(run, "resumed")
         return 0
     if name == "attach":
         from tuiwiz.tui.monitor import MonitorApp  # Textual only here
@@ -130,5 +209,5 @@ def run_command(name: str, argv: list[str]) -> int:
     try:
         return _dispatch(name, args)
     except UserError as err:
-        print(f"tuiwiz {name}: {err}", file=sys.stderr)
+        print(error_line(name, err), file=sys.stderr)
         return err.exit_code

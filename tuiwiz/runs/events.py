@@ -1,22 +1,25 @@
 """The events.jsonl schema and its append-only writer.
 
-One JSON object per line; each line is written with a single `os.write` on an O_APPEND
-descriptor, so a crash (even SIGKILL) can never leave half a line, and any number of
-readers can follow the file while the worker writes it. See docs/runs.md.
+One JSON object per line, appended on an O_APPEND descriptor (normally in one `os.write`), so
+any number of readers can follow the file while the worker writes it. Readers never take a
+line without its newline; a write the disk cannot hold is cut back to the last whole line.
+See docs/runs.md.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Callable, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
-ErrorKind = Literal["oom", "data", "cuda", "other"]
+#: oom: out of GPU memory; data: a bad example; cuda: a CUDA/driver fault; setup: a missing or
+#: unusable package (e.g. flash_attn); disk: the run folder's disk is full; other: anything else.
+ErrorKind = Literal["oom", "data", "cuda", "setup", "disk", "other"]
 
 
 class _Event(BaseModel):
@@ -125,14 +128,50 @@ def encode_event(event: BaseModel) -> bytes:
     return (event.model_dump_json(exclude_none=True) + "\n").encode("utf-8")
 
 
-class EventWriter:
-    """Appends events to events.jsonl, one `os.write` per whole line (never a partial line)."""
+#: Kept free next to events.jsonl while a run writes, so the final error event and status.json
+#: still fit after the disk fills up (see `EventWriter.reserve`).
+RESERVE_BYTES = 1024 * 1024
+RESERVE_NAME = ".disk-reserve"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class EventWriter:
+    """Appends events to events.jsonl as whole lines: a write the disk cannot take is undone.
+
+    `write` is injectable so tests can play a disk that takes part of a line and then fills up.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, write: Callable[[int, bytes], int] = os.write) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write = write
         self._repair_tail()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path.parent / RESERVE_NAME
+
+    def reserve(self, size: int = RESERVE_BYTES) -> None:
+        """Hold `size` bytes of the disk in a file, to be given back by `release_reserve` when it fills.
+
+        Random bytes, not zeros or a sparse file: a compressing or deduplicating file system
+        would otherwise hold nothing.
+        """
+        try:
+            with open(self.reserve_path, "wb") as fh:
+                fh.write(os.urandom(size))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            self.release_reserve()
+            raise
+
+    def release_reserve(self) -> None:
+        """Give the reserved bytes back (the disk is full, or the run is over)."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            pass
 
     def _repair_tail(self) -> None:
         """Drop an unterminated last line left by a killed writer.
@@ -165,11 +204,23 @@ class EventWriter:
             pass
 
     def write(self, event: BaseModel) -> None:
+        """Append one line. A short write is continued; when the disk is full the partial line is
+        cut off again and OSError(ENOSPC) names the file, so the log only ever holds whole lines."""
         data = encode_event(event)
-        # O_APPEND + one write: the kernel places the whole buffer at the end in one go.
-        written = os.write(self._fd, data)
-        if written != len(data):  # only on a full disk; never leave a torn line behind
-            raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+        start = os.fstat(self._fd).st_size  # the only writer: the line starts at today's end
+        done = 0
+        try:
+            while done < len(data):
+                n = self._write(self._fd, data[done:])
+                if n <= 0:  # a write that takes nothing: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+                done += n
+        except OSError as err:
+            if done:
+                os.ftruncate(self._fd, start)
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
+            raise
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -230,7 +281,3 @@ class EventFollower:
             except ValueError:
                 self.bad_lines += 1
         return out
-
-
-def event_to_dict(event: BaseModel) -> dict[str, Any]:
-    return json.loads(event.model_dump_json(exclude_none=True))

@@ -70,15 +70,20 @@ class RunPaths:
         return self.root / "tensorboard"
 
 
-def slugify(text: str) -> str:
+#: Longest name part of a generated run id: with its 16-character stamp the id is at most 64,
+#: so "  tuiwiz attach ID" (the hint launch prints) fits 80 columns.
+RUN_NAME_MAX = 48
+
+
+def slugify(text: str, limit: int = 60) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
-    return (slug or "run")[:60]
+    return (slug or "run")[:limit].rstrip("-._") or "run"
 
 
 def new_run_id(name: str | None, now: float | None = None) -> str:
     """`<name>-YYYYmmdd-HHMMSS`: sortable, readable in a narrow `tuiwiz runs` table."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
-    return f"{slugify(name or 'run')}-{stamp}"
+    return f"{slugify(name or 'run', RUN_NAME_MAX)}-{stamp}"
 
 
 def check_run_id(run_id: str) -> str:
@@ -112,4 +117,4 @@ def resolve_run(ref: str, runs_root: Path) -> RunPaths:
     if len(prefixed) > 1:
         names = ", ".join(d.name for d in prefixed[:4])
         raise UserError(f"run {ref!r} is ambiguous under {runs_root} ({names}...); give more of the id.")
-    raise UserError(f"no run {ref!r} under {runs_root}; `tuiwiz runs` lists them (or pass --runs-dir).")
+    raise UserError(f"no run {ref!r} under {runs_root} (`tuiwiz runs` lists the runs there).", field="run")

@@ -44,6 +44,8 @@ class RunStatus(BaseModel):
     device: str | None = None
     stop_requested_at: float | None = None
     message: str | None = None
+    cpu: bool = False  # launched as a CPU run (resume does the same unless told otherwise)
+    online: bool = False  # the worker may download from the Hugging Face Hub
 
 
 def write_status(paths: RunPaths, status: RunStatus) -> None:
@@ -119,6 +121,21 @@ class RunSummary(BaseModel):
         return min(1.0, self.step / self.total_steps)
 
 
+def _exiting(last_terminal: str | None, ended: float | None, status: RunStatus | None) -> bool:
+    """A live lock whose holder already wrote its last event: the worker is on its way out.
+
+    The worker writes `done` / `error` / `stopped`, then exits and only then drops the lock, so
+    for a moment both are true. `done` is final (a finished run is never resumed); after
+    `error` or `stopped` the holder may be a resume in flight, which the launcher stamps
+    (launched_at) after that event: then the run is running again.
+    """
+    if last_terminal == "done":
+        return True
+    if last_terminal is None or ended is None or status is None or status.launched_at is None:
+        return False
+    return status.launched_at < ended
+
+
 def summarize(paths: RunPaths, now: float | None = None) -> RunSummary:
     """State from the event log (authoritative) + lock liveness; status.json fills gaps."""
     now = time.time() if now is None else now
@@ -147,10 +164,11 @@ def summarize(paths: RunPaths, now: float | None = None) -> RunSummary:
                 step = max(step, ev.step)  # type: ignore[union-attr]
     live = is_live(paths)
     state: State
-    if live:
+    if live and not _exiting(last_terminal, ended, status):
         state = "running"
     elif last_terminal is not None:
         state = _TERMINAL_STATE[last_terminal]  # type: ignore[assignment]
+        live = False
     elif status is not None and status.state in ("finished", "failed", "stopped"):
         state = status.state
     else:

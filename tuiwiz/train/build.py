@@ -10,12 +10,17 @@ estimator models:
 - `prepare_model_for_kbit_training` upcasts every non-quantized bf16/fp16 parameter to fp32:
   embeddings, norms and lm_head are fp32 afterwards (all frozen).
 - LoRA A/B are created by peft in fp32, then trl's SFTTrainer casts trainable params of a
-  quantized model to bf16 (QLoRA paper recipe) whatever the compute dtype.
+  quantized model to bf16 (QLoRA paper recipe) whatever the compute dtype. Under fp16 compute
+  `build_trainer` casts them back to fp32 (see `adapter_dtype`): fp16's GradScaler cannot
+  unscale bf16 gradients.
+- bf16 compute needs a card with native bf16 (sm_80+); a bf16 plan on an older card trains in
+  fp16 (see `choose_compute_dtype`).
 - Gradient checkpointing uses `use_reentrant=False`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,8 +30,12 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig, Trainer
 from trl import SFTConfig, SFTTrainer
 
-from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs, attn_for_model
+from tuiwiz.gpu_features import Capability, flash_attn_installed, flash_attn_problem, native_bf16
+from tuiwiz.models import spec_from_config
+from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
+from tuiwiz.planning.schedule import early_stopping_on, eval_and_save_steps
 from tuiwiz.preset import Preset
+from tuiwiz.train.errors import SetupError
 
 GC_KWARGS = {"use_reentrant": False}
 
@@ -40,13 +49,56 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def device_capability(device: str) -> Capability | None:
+    """The CUDA compute capability of `device`, None off the GPU."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
+
+
+def choose_compute_dtype(wanted: str, on_cuda: bool, capability: Capability | None,
+                         hardware_bf16: bool = True) -> tuple[torch.dtype, str | None]:
+    """(dtype, warning): bf16 when the plan asks for it and the card has native bf16, else fp16.
+
+    The capability decides, not `torch.cuda.is_bf16_supported()`, which also says True on a
+    T4/V100 where bf16 is only emulated. A bf16 plan on such a card trains in fp16 and says so
+    (the warning). The CPU path always uses bf16 (fp16 matmuls are not what CPUs run).
+    """
+    if not on_cuda:
+        return torch.bfloat16, None
+    if wanted != "bf16" or not hardware_bf16:
+        return torch.float16, None
+    if native_bf16(capability):
+        return torch.bfloat16, None
+    card = f"compute capability {capability[0]}.{capability[1]}" if capability else "unknown compute capability"
+    return torch.float16, (f"the plan asks for bf16 compute, but this GPU ({card}) has no native bf16 "
+                           "(Ampere or newer needed): training in fp16 instead")
+
+
 def compute_dtype(knobs: TrainingKnobs, device: str, hardware_bf16: bool = True) -> torch.dtype:
-    """bf16 where the GPU supports it (and the plan asks for it), otherwise fp16; bf16 on CPU."""
-    if device.startswith("cuda"):
-        if knobs.compute_dtype == "bf16" and hardware_bf16 and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    return torch.bfloat16
+    """The dtype this run computes in on `device` (see `choose_compute_dtype`)."""
+    return choose_compute_dtype(knobs.compute_dtype, device.startswith("cuda"), device_capability(device),
+                                hardware_bf16)[0]
+
+
+def adapter_dtype(compute: torch.dtype, quantized: bool) -> torch.dtype:
+    """The dtype the trainable LoRA weights must have.
+
+    fp16 compute runs with a GradScaler, which can only unscale fp32 gradients, so the adapters
+    stay fp32. Under bf16 a quantized base keeps trl's bf16 adapters (QLoRA recipe, what the
+    estimate models); a 16-bit base keeps peft's fp32 (autocast_adapter_dtype).
+    """
+    if compute == torch.bfloat16 and quantized:
+        return torch.bfloat16
+    return torch.float32
+
+
+def cast_trainable(model: Any, dtype: torch.dtype) -> None:
+    """Give every trainable parameter `dtype` (before the optimizer is built, so its state follows)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def quantization_config(knobs: TrainingKnobs, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -65,6 +117,15 @@ def attn_implementation(knobs: TrainingKnobs, device: str, model_type: str | Non
     if knobs.attn == "flash_attention_2" and not device.startswith("cuda"):
         return "sdpa"  # FlashAttention needs a GPU; the CPU test path falls back
     return attn_for_model(model_type, knobs.attn)
+
+
+def check_attention(attn: str, device: str) -> None:
+    """Refuse FlashAttention 2 up front when the card is too old or flash_attn is missing
+    (a SetupError, not a stack trace from deep inside transformers)."""
+    if attn == "flash_attention_2":
+        problem = flash_attn_problem(device_capability(device), flash_attn_installed())
+        if problem:
+            raise SetupError(problem)
 
 
 def random_checkpoint(config: PretrainedConfig | dict[str, Any], out_dir: str | os.PathLike[str],
@@ -97,12 +158,13 @@ def random_checkpoint(config: PretrainedConfig | dict[str, Any], out_dir: str | 
 
 def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knobs: TrainingKnobs,
                 device: str = "auto", *, trust_remote_code: bool = False, hardware_bf16: bool = True,
-                scratch_dir: str | os.PathLike[str] | None = None) -> Any:
+                scratch_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype | None = None) -> Any:
     """Load the base model quantized per `knobs` and prepared for k-bit LoRA training.
 
     `source` is a preset (uses model.path or the hub id, resolved offline from the HF cache),
     a local folder / hub id, or a bare `PretrainedConfig` (random weights, written to
     `scratch_dir` first; for benchmarks). LoRA is attached later by the trainer (peft_config).
+    `dtype` overrides the compute dtype `compute_dtype` would choose.
     """
     device = resolve_device(device)
     if isinstance(source, Preset):
@@ -113,13 +175,15 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
         if scratch_dir is None:
             raise ValueError("building from a config needs scratch_dir to hold the random weights")
         source = random_checkpoint(source, scratch_dir)
-    dtype = compute_dtype(knobs, device, hardware_bf16)
+    dtype = dtype or compute_dtype(knobs, device, hardware_bf16)
     qcfg = quantization_config(knobs, dtype)
     device_map: dict[str, Any] = {"": int(device.split(":")[1]) if device.startswith("cuda:") else device}
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)  # read once, passed on
+    attn = attn_implementation(knobs, device, config.model_type)
+    check_attention(attn, device)
     model = AutoModelForCausalLM.from_pretrained(
         str(source), config=config, quantization_config=qcfg, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation(knobs, device, config.model_type), trust_remote_code=trust_remote_code,
+        attn_implementation=attn, trust_remote_code=trust_remote_code,
     )
     model.config.use_cache = False
     if qcfg is not None:
@@ -128,43 +192,31 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
     return model
 
 
-def lora_targets(knobs: TrainingKnobs, model: Any = None) -> str | list[str]:
-    """peft's 'all-linear', or module names present in `model` (Phi-3's fused qkv_proj handled)."""
+def lora_targets(knobs: TrainingKnobs, model: Any) -> str | list[str]:
+    """peft's 'all-linear', or the module names `tuiwiz.models` resolves for this model (the same
+    names the memory estimate counts; Phi-3's fused qkv_proj / gate_up_proj included)."""
     if knobs.target_modules == "all-linear":
         return "all-linear"
-    names = list(ATTN_TARGETS) if knobs.target_modules == "attn" else list(knobs.target_modules)
-    if model is None:
-        return names
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-             "up_proj": "gate_up_proj"}
-    out = [n if n in present else fused.get(n, n) for n in names]
-    missing = [n for n in dict.fromkeys(out) if n not in present]
-    if missing:
-        raise ValueError(f"target_modules: {', '.join(missing)} not found in the model")
-    return list(dict.fromkeys(out))
+    cfg = model.config
+    spec = spec_from_config(cfg.to_dict(), cfg.name_or_path or cfg.model_type, "the loaded model's config")
+    return list(spec.resolve_targets(knobs.targets()))
 
 
-def lora_config(knobs: TrainingKnobs, model: Any = None) -> LoraConfig:
+def lora_config(knobs: TrainingKnobs, model: Any) -> LoraConfig:
     return LoraConfig(r=knobs.lora_rank, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
                       target_modules=lora_targets(knobs, model), bias="none", task_type="CAUSAL_LM")
 
 
 def report_to() -> str:
     """TensorBoard only if installed (not a tuiwiz dependency)."""
-    import importlib.util
-
     return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
 
 
 def sft_config(knobs: TrainingKnobs, output_dir: str | os.PathLike[str], *, device: str, has_eval: bool,
                dtype: torch.dtype, report: str = "none") -> SFTConfig:
     """Map TrainingKnobs onto trl's SFTConfig (pre-tokenized data: max_length = cutoff_len, completion-only loss)."""
-    eval_steps = knobs.eval_steps or knobs.save_steps
-    save_steps = knobs.save_steps
-    early = bool(knobs.early_stopping_patience and has_eval)
-    if early and save_steps % eval_steps:
-        save_steps = eval_steps  # load_best_model_at_end needs saves on eval steps
+    eval_steps, save_steps = eval_and_save_steps(knobs, has_eval)
+    early = early_stopping_on(knobs, has_eval)
     on_cpu = not device.startswith("cuda")
     return SFTConfig(
         output_dir=str(output_dir),
@@ -230,20 +282,23 @@ def load_hf_tokenizer(folder: str | os.PathLike[str], trust_remote_code: bool = 
 
 def build_trainer(model: Any, tokenizer: Any, knobs: TrainingKnobs, train_rows: Sequence[dict[str, Any]],
                   eval_rows: Sequence[dict[str, Any]], output_dir: str | os.PathLike[str], *, device: str = "auto",
-                  callbacks: Sequence[Any] = (), report: str = "none", hardware_bf16: bool = True) -> SFTTrainer:
-    """trl's SFTTrainer on pre-tokenized rows (`input_ids` + `completion_mask`), LoRA via peft_config."""
+                  callbacks: Sequence[Any] = (), report: str = "none", hardware_bf16: bool = True,
+                  dtype: torch.dtype | None = None) -> SFTTrainer:
+    """trl's SFTTrainer on pre-tokenized rows (`input_ids` + `completion_mask`), LoRA via peft_config,
+    its adapters in `adapter_dtype` (`dtype` overrides the compute dtype, as in `build_model`)."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
 
     device = resolve_device(device)
-    dtype = compute_dtype(knobs, device, hardware_bf16)
+    dtype = dtype or compute_dtype(knobs, device, hardware_bf16)
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     has_eval = len(eval_rows) > 0
     args = sft_config(knobs, output_dir, device=device, has_eval=has_eval, dtype=dtype, report=report)
     cbs = list(callbacks)
     if knobs.early_stopping_patience and has_eval:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=knobs.early_stopping_patience))
     cls = StandardLossSFTTrainer if knobs.loss == "standard" else SFTTrainer
-    return cls(
+    trainer = cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(list(train_rows)),
@@ -252,6 +307,8 @@ def build_trainer(model: Any, tokenizer: Any, knobs: TrainingKnobs, train_rows: 
         peft_config=lora_config(knobs, model),
         callbacks=cbs,
     )
+    cast_trainable(trainer.model, adapter_dtype(dtype, quantized))  # undoes trl's bf16 cast under fp16
+    return trainer
 
 
 def param_dtype_summary(model: Any) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -12,7 +14,8 @@ from transformers import TrainerCallback
 from tuiwiz.runs.events import CheckpointEvent, EvalEvent, EventWriter, LogEvent, StartEvent
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import update_status
-from tuiwiz.train.faults import DataError, Fault
+from tuiwiz.train.errors import DataError
+from tuiwiz.train.faults import Fault
 
 GIB = 1024**3
 
@@ -50,7 +53,6 @@ class EventsCallback(TrainerCallback):
         self.step = 0
         self.total_steps = 0
         self.last_loss: float | None = None
-        self.lock = threading.Lock()
 
     def _emit(self, event: Any) -> None:
         if self.writer is not None:
@@ -114,7 +116,6 @@ class GracefulStopCallback(TrainerCallback):
             self.stopped_at = state.global_step
         return control
 
-
     def _any_rank_stopping(self, args: Any) -> bool:
         """Under DDP every rank must stop at the same step, so the flag is max-reduced across ranks."""
         flag = self.flag.is_set()
@@ -133,9 +134,14 @@ class FaultCallback(TrainerCallback):
         self.step_delay = step_delay
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[override]
-        if self.fault and self.fault.kind == "oom" and state.global_step + 1 >= self.fault.step:
+        if self.fault is None or state.global_step + 1 < self.fault.step:
+            return
+        if self.fault.kind == "oom":
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 2.00 GiB (injected by TUIWIZ_FAULT=oom)")
+        if self.fault.kind == "enospc":
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by TUIWIZ_FAULT=enospc)",
+                          str(args.output_dir))
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
         if self.step_delay:

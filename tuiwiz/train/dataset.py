@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuiwiz.data import encode_sample, iter_conversations, load_tokenizer
 from tuiwiz.errors import UserError
 from tuiwiz.preset import Preset
 
@@ -41,19 +42,12 @@ def split_train_eval(rows: list[Any], val_ratio: float, seed: int) -> tuple[list
     return ([r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx])
 
 
-def build_examples(preset: Preset, tokenizer_dir: str | None = None) -> BuiltData:
+def build_examples(preset: Preset) -> BuiltData:
     """Render every conversation with `tuiwiz.data.encode_sample`, truncate, drop rows with nothing to learn."""
-    try:
-        from tuiwiz.data import encode_sample, iter_conversations, load_tokenizer
-    except ImportError:  # the package facade is optional; the functions live in these modules
-        from tuiwiz.data.encode import encode_sample
-        from tuiwiz.data.layouts import iter_conversations
-        from tuiwiz.data.tokenizer import load_tokenizer
-
     if preset.dataset is None:
         raise UserError("preset has no dataset: set dataset.path (and layout) before launching.")
     knobs = preset.training
-    tok = load_tokenizer(tokenizer_dir or preset.model.tokenizer or preset.model.path, model_id=preset.model.id)
+    tok = load_tokenizer(preset.model.tokenizer or preset.model.path, model_id=preset.model.id)
     if getattr(tok, "approximate", False):
         raise UserError(f"model {preset.model.id}: no tokenizer.json found offline (training needs the exact one); "
                         "set model.tokenizer or model.path in the preset to a folder that has it.")

@@ -1,8 +1,9 @@
 """Test seams: inject real failures into a running worker, so error handling is tested end to end.
 
-TUIWIZ_FAULT=oom[@STEP]   raise a real torch.OutOfMemoryError when optimizer step STEP begins (default 2)
-TUIWIZ_FAULT=data[@STEP]  the data collator raises DataError while building that step's batch
-TUIWIZ_STEP_DELAY=SECONDS sleep after every optimizer step (makes stop/kill tests deterministic)
+TUIWIZ_FAULT=oom[@STEP]    raise a real torch.OutOfMemoryError when optimizer step STEP begins (default 2)
+TUIWIZ_FAULT=data[@STEP]   the data collator raises DataError while building that step's batch
+TUIWIZ_FAULT=enospc[@STEP] raise OSError(ENOSPC) on the checkpoints folder when optimizer step STEP begins
+TUIWIZ_STEP_DELAY=SECONDS  sleep after every optimizer step (makes stop/kill tests deterministic)
 None of these are set in normal use; they are documented in docs/runs.md.
 """
 
@@ -11,9 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
-class DataError(ValueError):
-    """A training example or batch is malformed (classified as error kind 'data')."""
+FAULT_KINDS = ("oom", "data", "enospc")
 
 
 @dataclass(frozen=True)
@@ -27,8 +26,8 @@ def fault_from_env(env: dict[str, str] | None = None) -> Fault | None:
     if not raw:
         return None
     kind, _, step = raw.partition("@")
-    if kind not in ("oom", "data"):
-        raise ValueError(f"TUIWIZ_FAULT={raw!r}: use oom[@STEP] or data[@STEP]")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"TUIWIZ_FAULT={raw!r}: use {', '.join(k + '[@STEP]' for k in FAULT_KINDS)}")
     return Fault(kind, int(step) if step else 2)
 
 

@@ -10,19 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from tuiwiz.errors import UserError
+from tuiwiz.errors import CannotWrite, UserError
 from tuiwiz.preset import Preset, load_preset
 from tuiwiz.runs.events import DoneEvent, ErrorEvent, EventWriter, StartEvent, StoppedEvent
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import last_checkpoint, take_lock, update_status
+
+if TYPE_CHECKING:
+    from tuiwiz.train.dataset import BuiltData
 
 HEARTBEAT_S = float(os.environ.get("TUIWIZ_HEARTBEAT_S", "5"))
 
@@ -32,25 +36,20 @@ def log(msg: str) -> None:
 
 
 def versions() -> dict[str, str]:
+    """The versions that ran (tuiwiz's own from the imported source: PYTHONPATH may shadow an install)."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for dist in ("tuiwiz", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+    import torch
+
+    import tuiwiz
+
+    out = {"python": platform.python_version(), "tuiwiz": tuiwiz.__version__}
+    for dist in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
-            if dist == "tuiwiz":
-                import tuiwiz
-
-                out[dist] = tuiwiz.__version__
-            else:
-                out[dist] = "missing"
-    try:
-        import torch
-
-        out["cuda"] = str(torch.version.cuda)
-    except ImportError:  # pragma: no cover
-        pass
+            out[dist] = "missing"
+    out["cuda"] = str(torch.version.cuda)
     return out
 
 
@@ -75,21 +74,44 @@ def _write_pid_file(paths: RunPaths, rank: int) -> None:
     (d / f"{rank}.pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
 
 
+def _disk_free(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 class Worker:
-    def __init__(self, paths: RunPaths, *, resume: bool, merge: bool, rank: int, stop_flag: threading.Event) -> None:
+    """One worker process: data, model, trainer, train, save; every failure becomes an error event.
+
+    Rank 0 alone writes events.jsonl and status.json. What the steps resolve (device, dtype,
+    trainer, ...) is kept on the instance, where the start event and the failure path read it.
+    """
+
+    def __init__(self, paths: RunPaths, *, resume: bool, merge: bool, rank: int, stop_flag: threading.Event,
+                 record_pid: bool = False) -> None:
         self.paths = paths
         self.resume = resume
         self.merge = merge
         self.rank = rank
         self.is_main = rank == 0
         self.stop_flag = stop_flag
-        self.writer = EventWriter(paths.events) if self.is_main else None
+        self.record_pid = record_pid
+        self.stop_heartbeat = threading.Event()
+        self.writer: EventWriter | None = None
         self.phase = "setup"
         self.step: int | None = None
-        self.device = "cpu"
         self.preset: Preset | None = None
+        self.data: BuiltData | None = None
+        self.device = "cpu"
+        self.dtype: Any = None
+        self.note: str | None = None
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.report = "none"
+        self.resume_ckpt: Path | None = None
         self.trainer: Any = None
 
+    # ---- writing -------------------------------------------------------------------------
     def emit(self, event: Any) -> None:
         if self.writer is not None:
             self.writer.write(event)
@@ -102,11 +124,11 @@ class Worker:
         while not self.stop_heartbeat.wait(HEARTBEAT_S):
             try:
                 self.status(heartbeat=time.time())
-            except OSError:
-                pass
+            except (OSError, CannotWrite):
+                pass  # a full disk is reported by the main thread's next write
 
+    # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
-        self.stop_heartbeat = threading.Event()
         threading.Thread(target=self.heartbeat, daemon=True, name="heartbeat").start()
         try:
             return self._run()
@@ -115,36 +137,175 @@ class Worker:
         finally:
             self.stop_heartbeat.set()
             if self.writer is not None:
+                self.writer.release_reserve()
                 self.writer.close()
 
-    def _peak_gib(self) -> float | None:
-        try:
-            import torch
+    def _run(self) -> int:
+        self._open()
+        self.preset = preset = load_preset(self.paths.preset)
+        self.data = data = self._build_data(preset)
+        if self.stop_flag.is_set():
+            return self._stopped_before_training()
+        model, tokenizer = self._build_model(preset)
+        if self.stop_flag.is_set():
+            return self._stopped_before_training()
+        self.trainer, stop_cb = self._build_trainer(preset, data, model, tokenizer)
+        result = self._train()
+        if stop_cb.stopped_at is not None:
+            return self._finish_stopped()
+        return self._finish_done(result, tokenizer)
 
-            if self.device.startswith("cuda") and torch.cuda.is_available():
-                return round(torch.cuda.max_memory_allocated(self.device) / 1024**3, 3)
-        except Exception:  # noqa: BLE001
-            pass
-        return None
+    def _open(self) -> None:
+        """pid file, events.jsonl with its disk reserve, status 'running'."""
+        _write_pid_file(self.paths, self.rank)
+        if self.is_main:
+            self.writer = EventWriter(self.paths.events)
+            self.writer.reserve()
+        pid = {"pid": os.getpid()} if self.record_pid else {}
+        self.status(state="running", heartbeat=time.time(), **pid)
+        log(f"worker pid {os.getpid()} rank {self.rank} for run {self.paths.run_id}")
 
-    def _fail(self, exc: BaseException) -> int:
-        from tuiwiz.train.classify import classify
+    def _build_data(self, preset: Preset) -> BuiltData:
+        self.phase = "data"
+        from tuiwiz.train.dataset import build_examples
 
-        traceback.print_exc()
-        kind, message, suggestion = classify(exc, self.phase)
-        smaller = None
-        if kind == "oom" and self.preset is not None:
-            try:
-                smaller = smaller_knobs(self.preset)
-            except Exception as e:  # noqa: BLE001
-                log(f"could not compute a smaller plan: {e}")
-        if self.step is None and self.trainer is not None:
-            self.step = self.trainer.state.global_step
-        self.emit(ErrorEvent(kind=kind, message=message, suggestion=suggestion, step=self.step,
-                             peak_gib=self._peak_gib(), smaller_plan=smaller))
-        self.status(state="failed", ended_at=time.time(), message=f"{kind}: {message}")
-        log(f"FAILED ({kind}) during {self.phase}: {message}")
-        return 1
+        data = build_examples(preset)
+        log(f"data: {data.total} examples -> {len(data.train)} train / {len(data.eval)} validation, "
+            f"{data.tokens} tokens" + (f"; {'; '.join(data.notes)}" if data.notes else ""))
+        return data
+
+    def _build_model(self, preset: Preset) -> tuple[Any, Any]:
+        """The quantized base and the tokenizer, on this rank's device in the dtype the card can run."""
+        self.phase = "model"
+        import torch
+
+        from tuiwiz.train import build
+
+        self.device = device = build.resolve_device()
+        notes = []
+        if device == "cpu":
+            notes.append("running on CPU (no CUDA device visible): fine for tiny test models only")
+            log(notes[-1])
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        self.dtype, warning = build.choose_compute_dtype(preset.training.compute_dtype, device.startswith("cuda"),
+                                                         build.device_capability(device), preset.hardware.bf16)
+        if warning:
+            notes.append(warning)
+            log(f"WARNING: {warning}")
+        self.note = "; ".join(notes) or None  # the start event carries it to the monitor
+        model = build.build_model(preset, preset.training, device, dtype=self.dtype)
+        tokenizer = build.load_hf_tokenizer(_tokenizer_folder(preset), preset.model.trust_remote_code)
+        return model, tokenizer
+
+    def _build_trainer(self, preset: Preset, data: BuiltData, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+        """The SFTTrainer with the events, graceful-stop and fault callbacks; and the stop callback."""
+        self.phase = "train"
+        from tuiwiz.train import build
+        from tuiwiz.train.callbacks import EventsCallback, FaultCallback, FaultyCollator, GracefulStopCallback
+        from tuiwiz.train.faults import fault_from_env, step_delay_from_env
+
+        knobs = preset.training
+        if self.resume:
+            self.resume_ckpt = last_checkpoint(self.paths)
+            if self.resume_ckpt is None:
+                raise UserError(f"{self.paths.checkpoints}: no complete checkpoint to resume from.")
+        self.report = build.report_to()
+        if self.report == "tensorboard":
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.paths.tensorboard))
+        fault = fault_from_env()
+        stop_cb = GracefulStopCallback(self.stop_flag)
+        events_cb = EventsCallback(self.writer, self.paths, self._start_event, self.device,
+                                   samples_per_step=knobs.effective_batch(self.world))
+        trainer = build.build_trainer(model, tokenizer, knobs, data.train, data.eval, self.paths.checkpoints,
+                                      device=self.device, report=self.report, dtype=self.dtype,
+                                      callbacks=[events_cb, stop_cb, FaultCallback(fault, step_delay_from_env())])
+        if fault is not None:
+            log(f"TEST SEAM: TUIWIZ_FAULT={fault.kind}@{fault.step} is set")
+            if fault.kind == "data":
+                trainer.data_collator = FaultyCollator(trainer.data_collator, fault, trainer)
+        return trainer, stop_cb
+
+    def _start_event(self, state: Any) -> StartEvent:
+        """Called by EventsCallback when training begins: the knobs plus what they resolved to."""
+        from tuiwiz.train import build
+
+        assert self.preset is not None and self.data is not None
+        knobs, trainer, data = self.preset.training, self.trainer, self.data
+        cfg = knobs.model_dump(mode="json")
+        targets = trainer.model.peft_config["default"].target_modules
+        cfg.update({
+            "resolved": {
+                "device": self.device, "compute_dtype": str(self.dtype).replace("torch.", ""),
+                "quantization": {4: "bnb nf4" + (" + double quant" if knobs.double_quant else ""),
+                                 8: "bnb int8", 16: "none"}[knobs.quant_bits],
+                "attn_implementation": trainer.model.config._attn_implementation,
+                "lora_target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+                "loss": "trl fused lm head (chunked log-probs)" if knobs.loss == "chunked"
+                        else "full logits (transformers Trainer.compute_loss)",
+                "gradient_checkpointing_kwargs": build.GC_KWARGS if knobs.grad_checkpointing else None,
+                "param_dtypes": build.param_dtype_summary(trainer.model),
+                "report_to": self.report, "eval_steps": trainer.args.eval_steps,
+                "save_steps": trainer.args.save_steps,
+                "cutoff_len": knobs.cutoff_len, "truncated": data.truncated, "dropped": data.dropped_no_target,
+            },
+            "plan_peak_gib": self.preset.estimate.peak_gib if self.preset.estimate else None,
+        })
+        ckpt = self.resume_ckpt
+        return StartEvent(run_id=self.paths.run_id, pid=os.getpid(),
+                          device="cuda" if self.device.startswith("cuda") else "cpu", world_size=self.world,
+                          versions=versions(), config=cfg, total_steps=state.max_steps,
+                          start_step=state.global_step, resumed_from=str(ckpt) if ckpt else None,
+                          train_samples=len(data.train), eval_samples=len(data.eval), note=self.note)
+
+    def _train(self) -> Any:
+        ckpt = str(self.resume_ckpt) if self.resume_ckpt else None
+        if ckpt:
+            log(f"resuming from {ckpt}")
+        result = self.trainer.train(resume_from_checkpoint=ckpt)
+        self.step = self.trainer.state.global_step
+        return result
+
+    # ---- endings -------------------------------------------------------------------------
+    def _finish_stopped(self) -> int:
+        """Stopped on request: the trainer saved a checkpoint at this step; save the adapter too."""
+        step, ckpt = self.step, last_checkpoint(self.paths)
+        if self.is_main:
+            self.trainer.save_model(str(self.paths.adapter))
+        self.emit(StoppedEvent(step=step, graceful=True, adapter_path=str(self.paths.adapter),
+                               checkpoint_path=str(ckpt) if ckpt else None))
+        self.status(state="stopped", step=step, ended_at=time.time())
+        log(f"stopped at step {step}; checkpoint {ckpt}, adapter {self.paths.adapter}")
+        return 0
+
+    def _finish_done(self, result: Any, tokenizer: Any) -> int:
+        """A last evaluation if the final step had none, then the adapter (and merged model)."""
+        trainer, step = self.trainer, self.step
+        if self.data and self.data.eval and trainer.state.log_history and not any(
+                "eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
+            trainer.evaluate()
+        merged = None
+        if self.is_main:
+            trainer.save_model(str(self.paths.adapter))
+            tokenizer.save_pretrained(str(self.paths.adapter))
+            if self.merge:
+                merged = self._merge(tokenizer)
+        self.emit(DoneEvent(step=step, adapter_path=str(self.paths.adapter), merged_path=merged,
+                            train_loss=result.training_loss, runtime_s=result.metrics.get("train_runtime"),
+                            peak_gib=self._peak_gib()))
+        self.status(state="finished", step=step, ended_at=time.time())
+        log(f"done at step {step}; adapter saved to {self.paths.adapter}")
+        return 0
+
+    def _merge(self, tokenizer: Any) -> str | None:
+        assert self.preset is not None
+        if self.preset.training.quant_bits != 16:
+            log("merge skipped: the base is quantized; merging into 4/8-bit weights would lose precision")
+            return None
+        merged = self.trainer.model.merge_and_unload()
+        merged.save_pretrained(str(self.paths.merged))
+        tokenizer.save_pretrained(str(self.paths.merged))
+        log(f"merged model saved to {self.paths.merged}")
+        return str(self.paths.merged)
 
     def _stopped_before_training(self) -> int:
         log("stop requested before training started; exiting without a checkpoint")
@@ -152,128 +313,47 @@ class Worker:
         self.status(state="stopped", ended_at=time.time())
         return 0
 
-    def _run(self) -> int:
-        paths = self.paths
-        self.status(state="running", heartbeat=time.time())
-        log(f"worker pid {os.getpid()} rank {self.rank} for run {paths.run_id}")
-        self.preset = preset = load_preset(paths.preset)
-        knobs = preset.training
-
-        self.phase = "data"
-        from tuiwiz.train.dataset import build_examples
-
-        data = build_examples(preset)
-        log(f"data: {data.total} examples -> {len(data.train)} train / {len(data.eval)} validation, "
-            f"{data.tokens} tokens" + (f"; {'; '.join(data.notes)}" if data.notes else ""))
-        if self.stop_flag.is_set():
-            return self._stopped_before_training()
-
-        self.phase = "model"
+    def _peak_gib(self) -> float | None:
+        if not self.device.startswith("cuda"):
+            return None
         import torch
 
-        from tuiwiz.train import build
-        from tuiwiz.train.callbacks import EventsCallback, FaultCallback, FaultyCollator, GracefulStopCallback
-        from tuiwiz.train.faults import fault_from_env, step_delay_from_env
+        return round(torch.cuda.max_memory_allocated(self.device) / 1024**3, 3)
 
-        self.device = device = build.resolve_device()
-        note = None
-        if device == "cpu":
-            note = "running on CPU (no CUDA device visible): fine for tiny test models only"
-            log(note)
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-        dtype = build.compute_dtype(knobs, device, preset.hardware.bf16)
-        model = build.build_model(preset, knobs, device)
-        tokenizer = build.load_hf_tokenizer(_tokenizer_folder(preset), preset.model.trust_remote_code)
-        if self.stop_flag.is_set():
-            return self._stopped_before_training()
+    def _fail(self, exc: BaseException) -> int:
+        """Error event, then status 'failed', then the traceback in train.log; each is attempted
+        even when another cannot be written. The disk reserve is given back first, so on a full
+        disk the two records that say what happened still fit."""
+        from tuiwiz.train.classify import classify
 
-        self.phase = "train"
-        fault = fault_from_env()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        resume_ckpt = last_checkpoint(paths) if self.resume else None
-        if self.resume and resume_ckpt is None:
-            raise UserError(f"{paths.checkpoints}: no complete checkpoint to resume from.")
-        report = build.report_to()
-        if report == "tensorboard":
-            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(paths.tensorboard))
-        stop_cb = GracefulStopCallback(self.stop_flag)
-        holder: dict[str, Any] = {}
+        free = _disk_free(self.paths.root)
+        if self.writer is not None:
+            self.writer.release_reserve()
+        kind, message, suggestion = classify(exc, self.phase, run_dir=self.paths.root, disk_free=free)
+        smaller = None
+        if kind == "oom" and self.preset is not None:
+            smaller = _attempt("compute a smaller plan", smaller_knobs, self.preset)
+        if self.step is None and self.trainer is not None:
+            self.step = self.trainer.state.global_step
+        _attempt("write the error event", self.emit, ErrorEvent(
+            kind=kind, message=message, suggestion=suggestion, step=self.step,
+            peak_gib=_attempt("read the peak memory", self._peak_gib), smaller_plan=smaller))
+        _attempt("write status.json", self.status, state="failed", ended_at=time.time(), message=f"{kind}: {message}")
+        _attempt("log the traceback", traceback.print_exception, exc)
+        _attempt("log", log, f"FAILED ({kind}) during {self.phase}: {message}")
+        return 1
 
-        def start_event(state: Any) -> StartEvent:
-            trainer = holder["trainer"]
-            cfg = knobs.model_dump(mode="json")
-            cfg.update({
-                "resolved": {
-                    "device": device, "compute_dtype": str(dtype).replace("torch.", ""),
-                    "quantization": {4: "bnb nf4" + (" + double quant" if knobs.double_quant else ""),
-                                     8: "bnb int8", 16: "none"}[knobs.quant_bits],
-                    "attn_implementation": build.attn_implementation(knobs, device, model.config.model_type),
-                    "lora_target_modules": build.lora_targets(knobs, model),
-                    "loss": "trl fused lm head (chunked log-probs)" if knobs.loss == "chunked"
-                            else "full logits (transformers Trainer.compute_loss)",
-                    "gradient_checkpointing_kwargs": build.GC_KWARGS if knobs.grad_checkpointing else None,
-                    "param_dtypes": build.param_dtype_summary(trainer.model),
-                    "report_to": report, "eval_steps": trainer.args.eval_steps, "save_steps": trainer.args.save_steps,
-                    "cutoff_len": knobs.cutoff_len, "truncated": data.truncated, "dropped": data.dropped_no_target,
-                },
-                "plan_peak_gib": preset.estimate.peak_gib if preset.estimate else None,
-            })
-            return StartEvent(run_id=paths.run_id, pid=os.getpid(), device="cuda" if device.startswith("cuda") else "cpu",
-                              world_size=world, versions=versions(), config=cfg, total_steps=state.max_steps,
-                              start_step=state.global_step, resumed_from=str(resume_ckpt) if resume_ckpt else None,
-                              train_samples=len(data.train), eval_samples=len(data.eval), note=note)
 
-        events_cb = EventsCallback(self.writer, paths, start_event, device,
-                                   samples_per_step=knobs.micro_batch_size * knobs.grad_accum * world)
-        trainer = build.build_trainer(model, tokenizer, knobs, data.train, data.eval, paths.checkpoints,
-                                      device=device, report=report, hardware_bf16=preset.hardware.bf16,
-                                      callbacks=[events_cb, stop_cb, FaultCallback(fault, step_delay_from_env())])
-        holder["trainer"] = self.trainer = trainer
-        if fault is not None:
-            log(f"TEST SEAM: TUIWIZ_FAULT={fault.kind}@{fault.step} is set")
-            if fault.kind == "data":
-                trainer.data_collator = FaultyCollator(trainer.data_collator, fault, trainer)
-        if resume_ckpt is not None:
-            log(f"resuming from {resume_ckpt}")
-        result = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
-        self.step = step = trainer.state.global_step
-
-        if stop_cb.stopped_at is not None:
-            ckpt = last_checkpoint(paths)
-            if self.is_main:
-                trainer.save_model(str(paths.adapter))
-            self.emit(StoppedEvent(step=step, graceful=True, adapter_path=str(paths.adapter),
-                                   checkpoint_path=str(ckpt) if ckpt else None))
-            self.status(state="stopped", step=step, ended_at=time.time())
-            log(f"stopped at step {step}; checkpoint {ckpt}, adapter {paths.adapter}")
-            return 0
-
-        if data.eval and trainer.state.log_history and not any(
-                "eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
-            trainer.evaluate()
-        merged = None
-        if self.is_main:
-            trainer.save_model(str(paths.adapter))
-            tokenizer.save_pretrained(str(paths.adapter))
-            if self.merge:
-                merged = self._merge(trainer, tokenizer)
-        self.emit(DoneEvent(step=step, adapter_path=str(paths.adapter), merged_path=merged,
-                            train_loss=result.training_loss, runtime_s=result.metrics.get("train_runtime"),
-                            peak_gib=self._peak_gib()))
-        self.status(state="finished", step=step, ended_at=time.time())
-        log(f"done at step {step}; adapter saved to {paths.adapter}")
-        return 0
-
-    def _merge(self, trainer: Any, tokenizer: Any) -> str | None:
-        assert self.preset is not None
-        if self.preset.training.quant_bits != 16:
-            log("--merge skipped: the base is quantized; merging into 4/8-bit weights would lose precision")
-            return None
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(self.paths.merged))
-        tokenizer.save_pretrained(str(self.paths.merged))
-        log(f"merged model saved to {self.paths.merged}")
-        return str(self.paths.merged)
+def _attempt(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), or None when it fails (said on stderr when stderr can still be written)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the failure path must reach its end
+        try:
+            print(f"[tuiwiz] could not {what}: {e}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,11 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         if lock_fd is None:
             print(f"tuiwiz.train: run {paths.run_id} is already live", file=sys.stderr)
             return 2
-    _write_pid_file(paths, rank)
-    if lock_fd is not None:
-        update_status(paths, pid=os.getpid())
     try:
-        return Worker(paths, resume=args.resume, merge=args.merge, rank=rank, stop_flag=stop_flag).run()
+        return Worker(paths, resume=args.resume, merge=args.merge, rank=rank, stop_flag=stop_flag,
+                      record_pid=lock_fd is not None).run()
     finally:
         if lock_fd is not None:
             os.close(lock_fd)

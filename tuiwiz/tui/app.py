@@ -1,7 +1,13 @@
 """The wizard app: four steps over one `WizardState`, with every slow read in a worker.
 
 `make_app` is the one way to build it, for the CLI and for tests alike: tests inject fake
-hardware, a fixed GPU reader, a deterministic tokenizer and a fake launcher.
+hardware, a fixed GPU reader, a deterministic tokenizer and a fake launcher. Reading goes
+through the planner's own I/O half (`read_model`, `tokenizer_for`, `profile_for`), planning
+through its pure half (`make_plan`, in `WizardState.replan`), exactly as `tuiwiz --auto` does.
+
+Keys follow one rule: a key that navigates never types, and a key that types never navigates.
+F1-F5, ctrl+n/ctrl+p and ctrl+q work from any widget; the plain 1-4, ? and q only act when no
+text field has focus (a text field takes them as text).
 """
 
 from __future__ import annotations
@@ -9,26 +15,31 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from textual import work
-from textual.app import App
 from textual.binding import Binding
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import Worker, get_current_worker
 
-from tuiwiz.errors import CancelledError, UserError
+from tuiwiz.errors import CancelledError
 from tuiwiz.hardware import GpuInfo, HardwareInventory
-from tuiwiz.planner import PlanRequest
+from tuiwiz.planner import PlanRequest, profile_for, read_model, tokenizer_for
+from tuiwiz.tui.base_app import BaseApp
 from tuiwiz.tui.messages import (GpusPolled, HardwareDetected, ModelChoices, ModelResolved, PreviewReady,
-                                 ProfileDone, ProfileProgress, RunLaunched)
+                                 ProfileDone, ProfileProgress, RunLaunched, TokenizerChosen)
 from tuiwiz.tui.screens.base import STEPS, WizardScreen
 from tuiwiz.tui.screens.dataset import DatasetScreen
 from tuiwiz.tui.screens.hardware import HardwareScreen
-from tuiwiz.tui.screens.modals import ErrorScreen
 from tuiwiz.tui.screens.model import ModelScreen
 from tuiwiz.tui.screens.plan import PlanScreen
-from tuiwiz.tui.state import WizardState
+from tuiwiz.tui.state import Preview, WizardState
+
+if TYPE_CHECKING:
+    from tuiwiz.data import CountingTokenizer
+    from tuiwiz.preset import DatasetRef, Preset
+    from tuiwiz.runs.launcher import LaunchedRun
 
 #: Set to a file path: the app writes the wall-clock time of its first painted frame there
 #: and exits (bench/bench_startup.py).
@@ -36,14 +47,8 @@ FIRST_PAINT_ENV = "TUIWIZ_FIRST_PAINT_FILE"
 POLL_S = 1.5
 
 GpuReader = Callable[[], list[GpuInfo]]
-TokenizerLoader = Callable[[PlanRequest], Any]
-Launcher = Callable[[Any], Any]
-
-
-def _default_tokenizer(req: PlanRequest) -> Any:
-    from tuiwiz.data import load_tokenizer
-
-    return load_tokenizer(req.tokenizer or req.model_path, model_id=req.model)
+TokenizerLoader = Callable[[PlanRequest], "CountingTokenizer"]
+Launcher = Callable[["Preset"], "LaunchedRun"]
 
 
 def _default_gpu_reader() -> list[GpuInfo]:
@@ -52,56 +57,54 @@ def _default_gpu_reader() -> list[GpuInfo]:
     return read_gpus()
 
 
-def _default_launcher(preset: Any) -> Any:
+def _default_launcher(preset: Preset) -> LaunchedRun:
     from tuiwiz.runs.launcher import launch
 
     return launch(preset)
 
 
-def error_text(exc: BaseException) -> str:
-    """What the error panel says: a UserError's own line, otherwise the type and message."""
-    if isinstance(exc, UserError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+#: The wizard's keys. Navigation is on keys that never type (F-keys, ctrl); the plain keys
+#: beside them are non-priority, so a focused text field takes them as text first.
+GOTO_HELP = "go to step " + ", ".join(f"{i} {step}" for i, step in enumerate(STEPS, start=1))
+WIZARD_BINDINGS = [
+    Binding("f1", "help", "help", tooltip="this help", priority=True),
+    Binding("question_mark", "help", "help", tooltip="this help", show=False),
+    Binding("ctrl+q", "quit", "quit", tooltip="quit (a launched run goes on)", priority=True),
+    Binding("q", "quit", "quit", tooltip="quit (a launched run goes on)", show=False),
+    Binding("ctrl+n", "step(1)", "steps", key_display="^n/^p", tooltip="next step", priority=True),
+    Binding("ctrl+p", "step(-1)", "previous step", show=False, priority=True),
+    *(Binding(f"f{i + 2}", f"goto('{step}')", step, show=False, tooltip=GOTO_HELP, priority=True)
+      for i, step in enumerate(STEPS)),
+    *(Binding(str(i + 1), f"goto('{step}')", step, tooltip=GOTO_HELP, show=False) for i, step in enumerate(STEPS)),
+]
 
 
-class WizardApp(App[None]):
+class WizardApp(BaseApp):
     """tuiwiz: plan a QLoRA run step by step."""
 
-    CSS_PATH = "tuiwiz.tcss"
+    CSS_PATH = ["dialogs.tcss", "tuiwiz.tcss"]
     TITLE = "tuiwiz"
-    ENABLE_COMMAND_PALETTE = False
     MODES = {"hardware": HardwareScreen, "model": ModelScreen, "dataset": DatasetScreen, "plan": PlanScreen}
     DEFAULT_MODE = "hardware"
-    BINDINGS = [
-        Binding("ctrl+n", "step(1)", "next", priority=True),
-        Binding("ctrl+p", "step(-1)", "back", priority=True),
-        Binding("f1,question_mark", "help", "help"),
-        Binding("1", "goto('hardware')", "hardware", show=False),
-        Binding("2", "goto('model')", "model", show=False),
-        Binding("3", "goto('dataset')", "dataset", show=False),
-        Binding("4", "goto('plan')", "plan", show=False),
-        Binding("q", "quit", "quit"),
-    ]
+    BINDINGS = WIZARD_BINDINGS
+    WORKER_TITLES = {"profile": "Profiling failed", "model": "Model not found", "hardware": "Hardware",
+                     "preview": "Preview failed", "launch": "Launch failed", "scan": "Model cache",
+                     "relaunch": "Relaunch failed", "control": "Stop failed", "follow": "Monitor"}
 
     def __init__(self, request: PlanRequest, *, hardware: HardwareInventory | None = None,
                  gpu_reader: GpuReader | None = None, tokenizer_loader: TokenizerLoader | None = None,
                  launcher: Launcher | None = None, cached_models: list[str] | None = None,
-                 poll_s: float = POLL_S, start_step: str = "hardware") -> None:
-        super().__init__()
+                 poll_s: float = POLL_S, start_step: str = "hardware", error_log: Path | None = None) -> None:
+        super().__init__(error_log=error_log)
         self.state = WizardState(request=request, hardware=hardware)
         self.gpu_reader = gpu_reader or _default_gpu_reader
-        self.tokenizer_loader = tokenizer_loader or _default_tokenizer
+        self.tokenizer_loader = tokenizer_loader or tokenizer_for
         self.launcher = launcher or _default_launcher
         self.cached_models = cached_models
         self.poll_s = poll_s
         self.start_step = start_step
-        self.profile_status = "no dataset chosen" if request.dataset is None else "waiting to profile"
-        self.profile_progress: tuple[int, int | None] = (0, None)
-        self.profiling = False
-        self.preview: PreviewReady | None = None
         self._cancel_profile = threading.Event()
-        self._poll_timer: Any = None
+        self._poll_started = False
 
     # ---- start-up: paint first, then read everything in workers -----------------------------
     def on_mount(self) -> None:
@@ -130,10 +133,17 @@ class WizardApp(App[None]):
             self.start_profile()
 
     def _start_polling(self) -> None:
-        if self.state.nvml and self.poll_s > 0 and self._poll_timer is None:
-            self._poll_timer = self.set_interval(self.poll_s, self.poll_gpus)
+        if self.state.nvml and self.poll_s > 0 and not self._poll_started:
+            self._poll_started = True
+            self.set_interval(self.poll_s, self.poll_gpus)
 
     # ---- navigation ----------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Step keys act on the wizard's steps only: not under a dialog, nor in the monitor."""
+        if action in ("step", "goto"):
+            return isinstance(self.screen, WizardScreen)
+        return super().check_action(action, parameters)
+
     def action_goto(self, step: str) -> None:
         if self.current_mode != step:
             self.switch_mode(step)
@@ -141,12 +151,6 @@ class WizardApp(App[None]):
     def action_step(self, delta: int) -> None:
         i = STEPS.index(self.current_mode) if self.current_mode in STEPS else 0
         self.action_goto(STEPS[(i + delta) % len(STEPS)])
-
-    def action_help(self) -> None:
-        from tuiwiz.tui.screens.help import HelpScreen
-
-        if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.screen))
 
     # ---- state changes -----------------------------------------------------------------
     def changed(self, replan: bool = True) -> None:
@@ -157,26 +161,10 @@ class WizardApp(App[None]):
             if isinstance(screen, WizardScreen):
                 screen.sync()
 
-    def show_error(self, message: str, title: str = "Error") -> None:
-        self.push_screen(ErrorScreen(title, message))
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        """The one place where worker failures become a readable error panel."""
-        if event.state != WorkerState.ERROR:
-            return
-        exc = event.worker.error
-        group = event.worker.group
-        if group == "profile":
-            self.profiling = False
-            self.profile_status = "cancelled" if isinstance(exc, CancelledError) else "failed: " + error_text(exc)
-            self.changed(replan=False)
-        if isinstance(exc, CancelledError):
-            return
-        if group == "poll":  # a flaky NVML read: keep the last values, say nothing every second
-            return
-        titles = {"profile": "Profiling failed", "model": "Model not found", "hardware": "Hardware",
-                  "preview": "Preview failed", "launch": "Launch failed"}
-        self.show_error(error_text(exc), titles.get(group, "Error"))
+    def worker_failed(self, worker: Worker[object], exc: BaseException, text: str) -> None:
+        if worker.group == "profile" and worker.name == self._profile_name(self.state.profile_generation):
+            self.state.profiling_failed(text, cancelled=isinstance(exc, CancelledError))
+            self.changed()
 
     # ---- hardware ---------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="hardware", exit_on_error=False)
@@ -206,14 +194,13 @@ class WizardApp(App[None]):
         from tuiwiz.models import resolve_model
 
         spec = resolve_model(ref)
-        p = Path(ref).expanduser()
-        self.post_message(ModelResolved(ref, spec, p.exists()))
+        self.post_message(ModelResolved(ref, spec, Path(ref).expanduser().exists()))
 
     def on_model_resolved(self, msg: ModelResolved) -> None:
         before = self.state.request.model_path or self.state.request.model
         self.state.set_model(msg.ref, msg.spec, msg.is_path)
         self.changed()
-        # a different model has a different tokenizer: recount unless the user gave one
+        # a different model has a different tokenizer: recount unless the user chose one
         if msg.ref != before and self.state.request.dataset is not None and not self.state.request.tokenizer:
             self.start_profile()
 
@@ -227,83 +214,95 @@ class WizardApp(App[None]):
         self.cached_models = msg.ids
         self.changed(replan=False)
 
-    # ---- dataset --------------------------------------------------------------------------
+    # ---- tokenizer and dataset --------------------------------------------------------------
+    @staticmethod
+    def _profile_name(generation: int) -> str:
+        return f"profile-{generation}"
+
     def start_profile(self) -> None:
-        if self.state.request.dataset is None:
+        """(Re)count the dataset with the tokenizer the request names: the plan waits for it."""
+        req = self.state.request
+        if req.dataset is None:
             return
-        self._cancel_profile.set()  # stop a run in progress; exclusive=True cancels its worker
+        self._cancel_profile.set()  # stop a count in progress; its late results are dropped
         self._cancel_profile = threading.Event()
-        self.profiling = True
-        self.profile_status = "profiling…"
-        self.profile_progress = (0, None)
-        self.preview = None
-        self.state.profile = None
-        self.changed(replan=False)
-        self.profile_worker(self.state.request, self._cancel_profile)
+        generation = self.state.profiling_started()
+        self.changed()
+        self.run_worker(partial(self._profile, req, generation, self._cancel_profile), name=self._profile_name(generation),
+                        group="profile", exclusive=True, thread=True, exit_on_error=False)
 
     def cancel_profile(self) -> None:
-        if self.profiling:
+        if self.state.profile_status.busy:
             self._cancel_profile.set()
 
-    @work(thread=True, exclusive=True, group="profile", exit_on_error=False)
-    def profile_worker(self, req: PlanRequest, cancel: threading.Event) -> None:
-        from tuiwiz.data import profile_dataset
-        from tuiwiz.models import resolve_model
-
+    def _profile(self, req: PlanRequest, generation: int, cancel: threading.Event) -> None:
+        """The profiling thread: the planner's tokenizer_for + profile_for, as the CLI runs them."""
         tok = self.tokenizer_loader(req)
-        spec = resolve_model(req.model_path or req.model)
+        self.post_message(TokenizerChosen(tok, generation))
+        spec = read_model(req)
         worker = get_current_worker()
 
         def progress(done: int, total: int | None) -> None:
             if not worker.is_cancelled:
-                self.post_message(ProfileProgress(done, total))
+                self.post_message(ProfileProgress(done, total, generation))
 
-        profile = profile_dataset(req.dataset, tok, percentile=req.percentile, max_positions=spec.max_positions,
-                                  micro_batch=req.knobs.micro_batch_size, packing=req.knobs.packing,
-                                  sample=req.sample, progress=progress, cancel=cancel, strict=req.strict)
-        if not cancel.is_set():
-            self.post_message(ProfileDone(profile, tok, req.dataset.path))
+        profile = profile_for(req, spec, tok, progress=progress, cancel=cancel)
+        if profile is not None and not cancel.is_set():
+            self.post_message(ProfileDone(profile, tok, generation))
+
+    def _current(self, generation: int) -> bool:
+        return generation == self.state.profile_generation
+
+    def on_tokenizer_chosen(self, msg: TokenizerChosen) -> None:
+        if self._current(msg.generation):
+            self.state.tokenizer_chosen(msg.tokenizer)
+            self._show_progress()
 
     def on_profile_progress(self, msg: ProfileProgress) -> None:
-        if self.profiling:
-            self.profile_progress = (msg.done, msg.total)
-            for screen in self.screen_stack:
-                if isinstance(screen, DatasetScreen):
-                    screen.show_progress()
+        if self._current(msg.generation):
+            self.state.profiling_progress(msg.done, msg.total)
+            self._show_progress()
+
+    def _show_progress(self) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, DatasetScreen):
+                screen.show_progress()
 
     def on_profile_done(self, msg: ProfileDone) -> None:
-        if self.state.request.dataset is None or msg.path != self.state.request.dataset.path:
-            return  # a stale result for a file the user has since changed
-        self.profiling = False
-        self.state.profile = msg.profile
-        self.state.tokenizer = msg.tokenizer
-        self.state.layout = getattr(msg.profile, "layout", None)
-        self.profile_status = "done"
+        if not self._current(msg.generation):
+            return  # a result for a file, layout or tokenizer the user has since changed
+        self.state.profiling_done(msg.profile, msg.tokenizer)
         self.changed()
-        self.load_preview(0)
+        self.show_sample(0)
+
+    def show_sample(self, index: int) -> None:
+        """Load sample `index` for the masked-token preview, with the tokenizer that counted it."""
+        ds, tok = self.state.request.dataset, self.state.tokenizer
+        if ds is not None and tok is not None:
+            self.load_preview(ds, tok, index, self.state.profile_generation)
 
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
-    def load_preview(self, index: int) -> None:
+    def load_preview(self, ds: DatasetRef, tok: CountingTokenizer, index: int, generation: int) -> None:
         from tuiwiz.data import iter_conversations, mask_preview
+        from tuiwiz.errors import BadValue
 
-        ds, tok = self.state.request.dataset, self.state.tokenizer
-        if ds is None or tok is None:
-            return
         last = -1
         for sample in iter_conversations(ds):
             if sample.index == index:
-                self.post_message(PreviewReady(index, mask_preview(sample, tok), sample.where()))
+                preview = Preview(index, tuple(mask_preview(sample, tok)), sample.where(), tok.name)
+                self.post_message(PreviewReady(preview, generation))
                 return
             last = sample.index
-        raise UserError(f"sample {index}: no such sample; this dataset's samples are numbered 0-{last}.")
+        raise BadValue("sample", index, f"no such sample; this dataset's samples are numbered 0-{last}")
 
     def on_preview_ready(self, msg: PreviewReady) -> None:
-        self.preview = msg
-        self.changed(replan=False)
+        if self._current(msg.generation):
+            self.state.preview = msg.preview
+            self.changed(replan=False)
 
     # ---- launch ---------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def launch_run(self, preset: Any) -> None:
+    def launch_run(self, preset: Preset) -> None:
         self.post_message(RunLaunched(self.launcher(preset)))
 
     def on_run_launched(self, msg: RunLaunched) -> None:
@@ -316,11 +315,11 @@ class WizardApp(App[None]):
 def make_app(request: PlanRequest | None = None, *, hardware: HardwareInventory | None = None,
              gpu_reader: GpuReader | None = None, tokenizer_loader: TokenizerLoader | None = None,
              launcher: Launcher | None = None, cached_models: list[str] | None = None,
-             poll_s: float = POLL_S, start_step: str = "hardware") -> WizardApp:
+             poll_s: float = POLL_S, start_step: str = "hardware", error_log: Path | None = None) -> WizardApp:
     """Build the wizard. Everything after `request` is for injection (tests, screenshots)."""
     return WizardApp(request or PlanRequest(), hardware=hardware, gpu_reader=gpu_reader,
                      tokenizer_loader=tokenizer_loader, launcher=launcher, cached_models=cached_models,
-                     poll_s=poll_s, start_step=start_step)
+                     poll_s=poll_s, start_step=start_step, error_log=error_log)
 
 
-__all__ = ["WizardApp", "make_app", "FIRST_PAINT_ENV"]
+__all__ = ["WizardApp", "make_app", "FIRST_PAINT_ENV", "WIZARD_BINDINGS"]

@@ -1,39 +1,50 @@
 """The run monitor: a Textual screen that follows a detached run (attach, detach, re-attach).
 
 A worker thread follows events.jsonl (replaying history first), tails train.log and polls
-NVML, posting typed messages; the screen redraws at most a few times a second so a slow
-SSH link is not flooded. Keys: s stop (confirmed), r relaunch with the smaller plan after
-an OOM, d detach (the run goes on), q quit. Fits 80x24.
+NVML, posting typed messages; the screen folds events into a `RunView` (tuiwiz.runs.view, no
+Textual there) and redraws at most a few times a second so a slow SSH link is not flooded.
+Keys: s stop (confirmed), r relaunch with the smaller plan after an OOM, d detach (the run
+goes on), q quit (asks: the run goes on). Designed for 80x24.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.markup import escape
+from rich.text import Text
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Label, ProgressBar, Static
+from textual.screen import Screen
+from textual.widgets import ProgressBar, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from tuiwiz.runs.events import (
-    CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, EventFollower, LogEvent, StartEvent, StoppedEvent,
-)
+from tuiwiz.runs.events import Event, EventFollower
 from tuiwiz.runs.paths import RunPaths
+from tuiwiz.runs.view import RunView
+from tuiwiz.tui.base_app import BaseApp
+from tuiwiz.tui.keybar import KeyBar
+from tuiwiz.tui.screens.modals import ConfirmScreen
+
+if TYPE_CHECKING:
+    from tuiwiz.hardware import GpuInfo
+    from tuiwiz.runs.launcher import LaunchedRun
 
 POLL_S = 0.5
 GPU_POLL_S = 2.0
 REDRAW_S = 0.5
 LOG_LINES = 200
+#: Lines of a failure's message shown in full before the rest is left to train.log.
+ERROR_LINES = 3
+
+GpuReader = Callable[[], "list[GpuInfo]"]
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -59,68 +70,6 @@ def tail_lines(path: Path, n: int = LOG_LINES, max_bytes: int = 64 * 1024) -> li
     return [ln for ln in text.splitlines() if ln.strip()][-n:]
 
 
-@dataclass
-class RunView:
-    """Everything the screen shows, folded from the event stream (pure: easy to test)."""
-
-    run_id: str = ""
-    device: str = "-"
-    total_steps: int = 0
-    step: int = 0
-    loss: float | None = None
-    eval_loss: float | None = None
-    lr: float | None = None
-    tokens_per_s: float | None = None
-    samples_per_s: float | None = None
-    eta_s: float | None = None
-    mem_allocated_gib: float | None = None
-    mem_reserved_gib: float | None = None
-    mem_peak_gib: float | None = None
-    plan_peak_gib: float | None = None
-    state: str = "waiting"
-    note: str = ""
-    error: ErrorEvent | None = None
-    last_checkpoint: str | None = None
-
-    def __post_init__(self) -> None:
-        self.train_curve: list[tuple[int, float]] = []
-        self.eval_curve: list[tuple[int, float]] = []
-
-    def apply(self, ev: Event) -> None:
-        if isinstance(ev, StartEvent):
-            self.run_id, self.device, self.total_steps = ev.run_id, ev.device, ev.total_steps
-            self.step = max(self.step, ev.start_step)
-            self.plan_peak_gib = ev.config.get("plan_peak_gib", self.plan_peak_gib)
-            self.state, self.error, self.note = "running", None, ev.note or ""
-            if ev.resumed_from:
-                self.note = f"resumed from step {ev.start_step}"
-        elif isinstance(ev, LogEvent):
-            self.step = ev.step
-            for k in ("loss", "lr", "tokens_per_s", "samples_per_s", "eta_s", "mem_allocated_gib",
-                      "mem_reserved_gib", "mem_peak_gib"):
-                v = getattr(ev, k)
-                if v is not None:
-                    setattr(self, k, v)
-            if ev.loss is not None:
-                self.train_curve = [p for p in self.train_curve if p[0] < ev.step] + [(ev.step, ev.loss)]
-        elif isinstance(ev, EvalEvent):
-            self.eval_loss = ev.eval_loss
-            self.eval_curve = [p for p in self.eval_curve if p[0] < ev.step] + [(ev.step, ev.eval_loss)]
-        elif isinstance(ev, CheckpointEvent):
-            self.last_checkpoint = ev.path
-        elif isinstance(ev, DoneEvent):
-            self.state, self.step, self.eta_s = "finished", ev.step, 0.0
-            if ev.peak_gib is not None:
-                self.mem_peak_gib = ev.peak_gib
-        elif isinstance(ev, StoppedEvent):
-            self.state = "stopped"
-            self.step = ev.step if ev.step is not None else self.step
-        elif isinstance(ev, ErrorEvent):
-            self.state, self.error = "failed", ev
-            if ev.peak_gib is not None:
-                self.mem_peak_gib = ev.peak_gib
-
-
 class EventsArrived(Message):
     def __init__(self, events: list[Event]) -> None:
         super().__init__()
@@ -134,7 +83,7 @@ class LogTail(Message):
 
 
 class GpuSample(Message):
-    def __init__(self, gpus: list[Any]) -> None:
+    def __init__(self, gpus: list[GpuInfo]) -> None:
         super().__init__()
         self.gpus = gpus
 
@@ -145,31 +94,21 @@ class Liveness(Message):
         self.live = live
 
 
-class ConfirmModal(ModalScreen[bool]):
-    """y/n confirmation (stop, kill, relaunch)."""
+class StopSent(Message):
+    """What `stop_run` did (a StopResult word: "sent", "killed", "not-running", ...)."""
 
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
-
-    def __init__(self, question: str) -> None:
+    def __init__(self, result: str) -> None:
         super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="confirm"):
-            yield Label(self.question, id="confirm-q")
-            with Horizontal(id="confirm-buttons"):
-                yield Button("Yes (y)", variant="error", id="yes")
-                yield Button("No (n)", id="no")
-
-    def action_answer(self, value: bool) -> None:
-        self.dismiss(value)
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+        self.result = result
 
 
-def _default_gpu_reader() -> list[Any]:
+class Relaunched(Message):
+    def __init__(self, run: LaunchedRun) -> None:
+        super().__init__()
+        self.run = run
+
+
+def _default_gpu_reader() -> list[GpuInfo]:
     try:
         from tuiwiz.hardware import read_gpus
 
@@ -178,31 +117,44 @@ def _default_gpu_reader() -> list[Any]:
         return []
 
 
+def memory_line(v: RunView) -> str:
+    """`plan peak 10.00 GiB  run peak 11.00 GiB (+10% vs plan)`: the estimate beside the measurement."""
+    out = f"plan peak {v.plan_peak_gib:.2f} GiB" if v.plan_peak_gib is not None else "no plan estimate"
+    if v.mem_peak_gib is not None:
+        out += f"  run peak {v.mem_peak_gib:.2f} GiB"
+        if v.plan_peak_gib:
+            out += f" ({(v.mem_peak_gib / v.plan_peak_gib - 1) * 100:+.0f}% vs plan)"
+    return out
+
+
 class MonitorScreen(Screen[None]):
     """Follows one run. Push it from the wizard (`MonitorScreen(paths)`) or run `MonitorApp`."""
 
     CSS_PATH = "monitor.tcss"
+    HELP_TITLE = "monitor"
+    #: The wizard's step keys do nothing here (help lists only what works).
+    HIDES_APP_ACTIONS = ("step", "goto")
     BINDINGS = [
         Binding("s", "stop", "stop"),
-        Binding("r", "relaunch", "relaunch smaller", show=False),
+        Binding("r", "relaunch", "relaunch smaller"),
         Binding("d", "detach", "detach"),
         Binding("q", "quit_monitor", "quit"),
     ]
 
-    def __init__(self, paths: RunPaths, *, gpu_reader: Callable[[], list[Any]] | None = None,
-                 poll_s: float = POLL_S) -> None:
+    def __init__(self, paths: RunPaths, *, gpu_reader: GpuReader | None = None, poll_s: float = POLL_S) -> None:
         super().__init__()
         self.paths = paths
         self.view = RunView(run_id=paths.run_id)
         self.gpu_reader = gpu_reader or _default_gpu_reader
         self.poll_s = poll_s
-        self.gpus: list[Any] = []
+        self.gpus: list[GpuInfo] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.live = True
         self._dirty = True
         self._stop_sent = False
         self._plot_key: tuple[int, int] = (-1, -1)
         self.events_seen = 0
+        self.redraws = 0
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -213,15 +165,20 @@ class MonitorScreen(Screen[None]):
         yield Static(id="gpu")
         yield PlotextPlot(id="curves")
         yield Static(id="logtail")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.follow()
         self.set_interval(REDRAW_S, self._redraw_if_dirty)
-        self._redraw()
+        self.redraw()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "relaunch":  # a key only when there is a smaller plan to relaunch with
+            return self.view.error is not None and bool(self.view.error.smaller_plan)
+        return True
 
     # --- the follower thread -------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="follow")
+    @work(thread=True, exclusive=True, group="follow", exit_on_error=False)
     def follow(self) -> None:
         from tuiwiz.runs.status import is_live
 
@@ -249,10 +206,12 @@ class MonitorScreen(Screen[None]):
 
     @on(EventsArrived)
     def _events(self, msg: EventsArrived) -> None:
-        for ev in msg.events:
-            self.view.apply(ev)
+        had_error = self.view.error is not None
+        self.view.fold(msg.events)
         self.events_seen += len(msg.events)
         self._dirty = True
+        if (self.view.error is not None) != had_error:
+            self.refresh_bindings()  # r appears (or goes) with a smaller plan
 
     @on(LogTail)
     def _log(self, msg: LogTail) -> None:
@@ -274,7 +233,7 @@ class MonitorScreen(Screen[None]):
     # --- drawing -------------------------------------------------------------------------
     def _redraw_if_dirty(self) -> None:
         if self._dirty:
-            self._redraw()
+            self.redraw()
 
     def _state_text(self) -> str:
         v = self.view
@@ -283,32 +242,40 @@ class MonitorScreen(Screen[None]):
         return v.state
 
     def gpu_text(self) -> str:
+        """The memory line (plan beside run), then one line per GPU."""
         v = self.view
-        plan = f"plan peak {v.plan_peak_gib:.2f} GiB" if v.plan_peak_gib is not None else "no plan estimate"
-        run = ""
-        if v.mem_peak_gib is not None:
-            run = f"run peak {v.mem_peak_gib:.2f} GiB"
-            if v.plan_peak_gib:
-                run += f" ({(v.mem_peak_gib / v.plan_peak_gib - 1) * 100:+.0f}% vs plan)"
-        lines = []
-        for g in self.gpus[:4]:
-            util = f" util {g.util_pct:.0f}%" if getattr(g, "util_pct", None) is not None else ""
-            lines.append(f"GPU{g.index} {g.used_gib:5.1f}/{g.total_gib:.1f} GiB{util}  ({plan})")
-        if len(self.gpus) > 4:
-            lines.append(f"... and {len(self.gpus) - 4} more GPUs")
-        if not lines:
-            where = "CPU run" if v.device == "cpu" else "no NVML"
-            lines.append(f"{where}: no GPU readings  ({plan})")
-        if run:
-            lines[-1] += f"  {run}"
+        lines = [memory_line(v)]
+        for g in self.gpus[:3]:
+            util = f"  util {g.util_pct:.0f}%" if g.util_pct is not None else ""
+            lines.append(f"GPU{g.index} {g.used_gib:5.1f}/{g.total_gib:.1f} GiB{util}")
+        if len(self.gpus) > 3:
+            lines.append(f"... and {len(self.gpus) - 3} more GPUs")
+        if not self.gpus:
+            lines[0] += "  (" + ("CPU run" if v.device == "cpu" else "no NVML: no GPU readings") + ")"
         return "\n".join(lines)
 
-    def _redraw(self) -> None:
+    def error_text(self) -> str:
+        err = self.view.error
+        if err is None:
+            return ""
+        at = f" at step {err.step}" if err.step is not None else ""
+        message = err.message.strip().splitlines() or [""]
+        shown = "\n".join(message[:ERROR_LINES]) + ("\n(more in train.log)" if len(message) > ERROR_LINES else "")
+        out = f"[b red]{err.kind.upper()}{at}[/]: {escape(shown)}\n{escape(err.suggestion)}"
+        if err.smaller_plan:
+            sp = err.smaller_plan
+            out += (f"\n[b]r[/b]: relaunch with micro_batch_size {sp.get('micro_batch_size')}, grad_accum "
+                    f"{sp.get('grad_accum')}, cutoff {sp.get('cutoff_len')}")
+        return out
+
+    def redraw(self) -> None:
+        """Draw the view now (the timer calls it at most every REDRAW_S, when something changed)."""
         self._dirty = False
+        self.redraws += 1
         v = self.view
         state = self._state_text()
-        self.query_one("#title", Static).update(
-            f"[b]{escape(self.paths.run_id)}[/b]  {state.upper()}  {v.device}" + (f"  · {escape(v.note)}" if v.note else ""))
+        note = f"  · {escape(v.note)}" if v.note else ""
+        self.query_one("#title", Static).update(f"[b]{escape(self.paths.run_id)}[/b]  {state.upper()}  {v.device}{note}")
         bar = self.query_one("#progress", ProgressBar)
         if v.total_steps:
             bar.update(total=v.total_steps, progress=min(v.step, v.total_steps))
@@ -321,18 +288,10 @@ class MonitorScreen(Screen[None]):
         self.query_one("#stats", Static).update(
             f"loss {f(v.loss, '.4f')}  eval {f(v.eval_loss, '.4f')}  lr {f(v.lr, '.2e')}  "
             f"tok/s {f(v.tokens_per_s, ',.0f')}  smp/s {f(v.samples_per_s, '.2f')}")
-        gpu = self.gpu_text()
-        if v.error is not None:
-            at = f" at step {v.error.step}" if v.error.step is not None else ""
-            gpu = (f"[b red]{v.error.kind.upper()}{at}[/]: {escape(v.error.message[:64])}\n"
-                   f"{escape(v.error.suggestion[:79])}")
-            if v.error.smaller_plan:
-                sp = v.error.smaller_plan
-                gpu += (f"\n[b]r[/b]: relaunch with micro_batch_size {sp.get('micro_batch_size')}, grad_accum "
-                        f"{sp.get('grad_accum')}, cutoff {sp.get('cutoff_len')}")
-        self.query_one("#gpu", Static).update(gpu)
+        self.query_one("#gpu", Static).update(self.error_text() if v.error is not None else escape(self.gpu_text()))
+        tail = list(self.log_lines)[-4:]
         self.query_one("#logtail", Static).update(
-            escape("\n".join(line[:200] for line in list(self.log_lines)[-4:])) or "(train.log is empty)")
+            Text("\n".join(tail), no_wrap=True, overflow="ellipsis") if tail else "(train.log is empty)")
         key = (len(v.train_curve), len(v.eval_curve))
         if key != self._plot_key:
             self._plot_key = key
@@ -364,63 +323,78 @@ class MonitorScreen(Screen[None]):
             if ok:
                 self._do_stop(kill)
 
-        self.app.push_screen(ConfirmModal(question), done)
+        self.app.push_screen(ConfirmScreen(question, yes="Kill" if kill else "Stop", no="Keep running"), done)
 
-    @work(thread=True, group="control")
+    @work(thread=True, group="control", exit_on_error=False)
     def _do_stop(self, kill: bool) -> None:
         from tuiwiz.runs.control import stop_run
 
-        result = stop_run(self.paths, force=kill)
+        self.post_message(StopSent(str(stop_run(self.paths, force=kill))))
+
+    @on(StopSent)
+    def _stop_sent_msg(self, msg: StopSent) -> None:
         self._stop_sent = True
-        self.app.call_from_thread(self.notify, f"stop: {result}")
+        self.notify(f"stop: {msg.result}")
 
     def action_relaunch(self) -> None:
         err = self.view.error
         if err is None or not err.smaller_plan:
             self.notify("relaunch is offered after an out-of-memory error", severity="warning")
             return
+        knobs = dict(err.smaller_plan)
 
         def done(ok: bool | None) -> None:
             if ok:
-                self._relaunch(err.smaller_plan or {})
+                self._relaunch(knobs)
 
-        self.app.push_screen(ConfirmModal("Relaunch as a new run with the smaller plan?"), done)
+        self.app.push_screen(ConfirmScreen("Relaunch as a new run with the smaller plan?", yes="Relaunch"), done)
 
+    @work(thread=True, exclusive=True, group="relaunch", exit_on_error=False)
     def _relaunch(self, knobs: dict[str, Any]) -> None:
-        from tuiwiz.errors import UserError
-        from tuiwiz.planning.knobs import TrainingKnobs
+        """Off the UI thread: reading the preset and starting a process both touch the disk."""
+        from tuiwiz.planning.knobs import knobs_from
         from tuiwiz.preset import load_preset
         from tuiwiz.runs.launcher import launch
 
-        try:
-            preset = load_preset(self.paths.preset)
-            new = preset.model_copy(update={"training": TrainingKnobs.model_validate(knobs), "estimate": None})
-            run = launch(new, self.paths.root.parent)
-        except UserError as e:
-            self.notify(str(e), severity="error")
-            return
-        self.notify(f"launched {run.run_id}")
-        self.app.switch_screen(MonitorScreen(run.paths, gpu_reader=self.gpu_reader, poll_s=self.poll_s))
+        preset = load_preset(self.paths.preset)
+        new = preset.model_copy(update={"training": knobs_from(knobs), "estimate": None})
+        self.post_message(Relaunched(launch(new, self.paths.root.parent)))
+
+    @on(Relaunched)
+    def _relaunched(self, msg: Relaunched) -> None:
+        self.notify(f"launched {msg.run.run_id}")
+        self.app.switch_screen(MonitorScreen(msg.run.paths, gpu_reader=self.gpu_reader, poll_s=self.poll_s))
 
     def action_detach(self) -> None:
         """Leave the run going; back to whoever pushed us (or exit when standalone)."""
-        if len(self.app.screen_stack) > 2 or not isinstance(self.app, MonitorApp):
-            self.app.pop_screen()
-        else:
+        if isinstance(self.app, MonitorApp):
             self.app.exit()
+        else:
+            self.app.pop_screen()
 
     def action_quit_monitor(self) -> None:
-        self.app.exit()
+        def done(ok: bool | None) -> None:
+            if ok:
+                self.app.exit()
+
+        self.app.push_screen(ConfirmScreen("Detach and quit? The run goes on; `tuiwiz attach` follows it again.",
+                                           yes="Quit", no="Stay"), done)
 
 
-class MonitorApp(App[None]):
+class MonitorApp(BaseApp):
     """`tuiwiz attach RUN`: the monitor on its own."""
 
     TITLE = "tuiwiz monitor"
+    WORKER_TITLES = {"relaunch": "Relaunch failed", "control": "Stop failed", "follow": "Following the run failed"}
+    BINDINGS = [
+        Binding("f1", "help", "help", tooltip="this help", priority=True),
+        Binding("question_mark", "help", "help", tooltip="this help", show=False),
+        Binding("ctrl+q", "quit", "quit", tooltip="quit at once (the run goes on)", priority=True),
+    ]
 
-    def __init__(self, paths: RunPaths, *, gpu_reader: Callable[[], list[Any]] | None = None,
-                 poll_s: float = POLL_S) -> None:
-        super().__init__()
+    def __init__(self, paths: RunPaths, *, gpu_reader: GpuReader | None = None, poll_s: float = POLL_S,
+                 error_log: Path | None = None) -> None:
+        super().__init__(error_log=error_log)
         self.paths = paths
         self.gpu_reader = gpu_reader
         self.poll_s = poll_s

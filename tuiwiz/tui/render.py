@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from rich.table import Table
 from rich.text import Text
+
+from tuiwiz.planning.memory import Term
 
 GROUP_STYLE = {
     "weights": "dodger_blue2", "lora": "green3", "gradients": "yellow3", "optimizer": "magenta",
@@ -53,15 +56,40 @@ def memory_stack(groups: dict[str, int], budget: int, width: int) -> Text:
     return out
 
 
-def memory_legend(groups: dict[str, int], gib: float = 1024**3) -> Text:
-    """`■ weights 4.1  ■ LoRA 0.2 ...` in GiB, skipping empty groups."""
+def memory_legend(groups: dict[str, int], width: int = 80, gib: float = 1024**3) -> Text:
+    """`■ weights 4.10  ■ LoRA 0.20 ...` in GiB, skipping empty groups, wrapped to `width`
+    between entries (never between a swatch and its name)."""
     out = Text()
+    used = 0
     for name, size in groups.items():
         if size <= 0:
             continue
+        entry = f"{GROUP_LABEL[name]} {size / gib:.2f}"
+        cost = 2 + len(entry)
+        if used and used + 2 + cost > width:
+            out.append("\n")
+            used = 0
+        elif used:
+            out.append("  ")
+            used += 2
         out.append("■ ", style=GROUP_STYLE[name])
-        out.append(f"{GROUP_LABEL[name]} {size / gib:.2f}  ")
+        out.append(entry)
+        used += cost
     return out
+
+
+def breakdown_table(terms: Sequence[Term], peak_gib: float, budget_gib: float) -> Table:
+    """Every memory term with its size, coloured by group, then the peak against the budget."""
+    t = Table(box=None, padding=(0, 1), show_header=False, expand=False)
+    t.add_column(no_wrap=True, overflow="ellipsis")
+    t.add_column(justify="right", no_wrap=True)
+    for term in terms:
+        if term.bytes <= 0:
+            continue
+        t.add_row(Text.assemble(("■ ", GROUP_STYLE[term.group]), term.label), f"{term.gib:.2f}")
+    t.add_row(Text("peak", style="bold"), Text(f"{peak_gib:.2f}", style="bold"))
+    t.add_row(Text("budget", style="dim"), Text(f"{budget_gib:.2f}", style="dim"))
+    return t
 
 
 def histogram(counts: Sequence[int], edges: Sequence[float], marks: dict[str, tuple[float, str]],

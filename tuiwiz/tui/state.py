@@ -1,57 +1,102 @@
 """The wizard's single source of truth, kept free of Textual so it can be tested directly.
 
-Every screen reads and edits this one object, so moving between steps loses nothing.
-Re-planning calls the same `make_plan` as `tuiwiz --auto` (with the hardware and profile
-already read), so the wizard and the CLI always agree; it takes about a millisecond.
+Every screen reads and edits this one object, so moving between steps loses nothing: the
+request, what was read for it (hardware, model, tokenizer, profile), the plan, and how the
+dataset profile is going. Re-planning is the same pure `make_plan` that `tuiwiz --auto`
+calls after reading its inputs, so the wizard and the CLI always agree; it takes about a
+millisecond.
 """
 
 from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from tuiwiz.errors import UserError
-from tuiwiz.hardware import (DEFAULT_CATALOG_GPU, GpuInfo, HardwareInventory, catalog_gpu,
-                             gpus_from_catalog)
-from tuiwiz.planner import Plan, PlanRequest, make_plan
+from tuiwiz.hardware import DEFAULT_CATALOG_GPU, GpuInfo, HardwareInventory, catalog_gpu, gpus_from_catalog
+from tuiwiz.planner import Plan, PlanRequest, check_request, flag_for, make_plan
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM
-from tuiwiz.planning.knobs import TrainingKnobs
+from tuiwiz.planning.knobs import KNOB_BY_NAME, KNOBS, TrainingKnobs, format_knob
 from tuiwiz.preset import DatasetRef
 
-#: knob field -> `tuiwiz --auto` flag (the CLI's KNOB_FLAGS, spelled as flags).
-KNOB_FLAG = {
-    "cutoff_len": "--cutoff-len", "micro_batch_size": "--micro-batch", "grad_accum": "--grad-accum",
-    "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "target_modules": "--target-modules",
-    "grad_checkpointing": "--grad-checkpointing", "attn": "--attn", "optim": "--optim", "quant_bits": "--quant",
-    "loss": "--loss", "packing": "--packing", "epochs": "--epochs", "learning_rate": "--lr",
-}
+if TYPE_CHECKING:
+    from tuiwiz.data import CountingTokenizer, LengthProfile
+    from tuiwiz.models import ModelSpec
+
+#: Where the dataset profile stands. `approximate`: done, but counted with a stand-in tokenizer.
+ProfileState = Literal["idle", "running", "done", "approximate", "failed", "cancelled"]
+DEFAULT_PERCENTILE = 99.0
+#: Request fields the TUI names differently from their field name (knobs have their own labels).
+REQUEST_LABELS = {"effective_batch": "eff. batch", "gpu": "GPU card", "gpus": "GPUs"}
 
 
-def _flag_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+def label_of(field_name: str) -> str:
+    """A knob or request field as the TUI names it (its label, never its CLI flag)."""
+    info = KNOB_BY_NAME.get(field_name)
+    if info is not None:
+        return info.label
+    return REQUEST_LABELS.get(field_name, field_name.replace("_", " "))
+
+
+@dataclass(frozen=True)
+class ProfileStatus:
+    """How the dataset profile is going, in a state the screens colour by and words they show."""
+
+    state: ProfileState
+    text: str
+    done: int = 0
+    total: int | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.state == "running"
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One sample as the trainer sees it: (token text, trained) pairs, counted by `tokenizer`."""
+
+    index: int
+    pieces: tuple[tuple[str, bool], ...]
+    where: str
+    tokenizer: str
+
+
+def tokenizer_origin(req: PlanRequest, tok: CountingTokenizer) -> str:
+    """Where this tokenizer came from, in words: what auto found, or why it had to estimate."""
+    if req.tokenizer:
+        return "the tokenizer you chose"
+    if not tok.approximate:
+        return "the model's own, from its folder" if req.model_path else "the model's own, from the HF cache"
+    return f"{req.model}'s own tokenizer was not found (no model folder, not in the HF cache)"
+
+
+def no_dataset_status() -> ProfileStatus:
+    return ProfileStatus("idle", "no dataset: the plan uses the cutoff you set")
 
 
 @dataclass
 class WizardState:
-    """What the user chose so far and what was read or computed from it."""
+    """What the user chose so far, what was read or computed from it, and how the reads are going."""
 
     request: PlanRequest
     hardware: HardwareInventory | None = None  # as detected (NVML, or the catalog fallback)
-    spec: Any = None  # tuiwiz.models.ModelSpec once resolved
-    profile: Any = None  # tuiwiz.data.LengthProfile once profiled
-    tokenizer: Any = None  # the CountingTokenizer the profile was counted with
-    layout: str | None = None  # layout the profiler detected (or the override)
+    spec: ModelSpec | None = None
+    profile: LengthProfile | None = None
+    tokenizer: CountingTokenizer | None = None  # the tokenizer the profile counts (or counted) with
+    profile_status: ProfileStatus = field(default_factory=no_dataset_status)
+    #: which profiling request is current: a result for an older one is dropped
+    profile_generation: int = 0
+    preview: Preview | None = None
     plan: Plan | None = None
     plan_error: str | None = None
     plan_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.request.dataset is not None and self.profile_status.state == "idle":
+            self.profile_status = ProfileStatus("idle", "waiting to profile")
 
     # ---- hardware -------------------------------------------------------------------
     @property
@@ -74,7 +119,7 @@ class WizardState:
         return HardwareInventory(gpus_from_catalog(card, 1), hw.host, "catalog", note=None)
 
     def selected_indices(self) -> tuple[int, ...]:
-        if not self.nvml or self.request.gpu:
+        if self.hardware is None or not self.nvml or self.request.gpu:
             return ()
         if self.request.gpu_indices:
             return self.request.gpu_indices
@@ -85,7 +130,7 @@ class WizardState:
         chosen = list(self.selected_indices())
         if index in chosen:
             if len(chosen) == 1:
-                raise UserError("at least one GPU must stay selected.")
+                raise UserError("at least one GPU must stay selected.", field="gpus")
             chosen.remove(index)
         else:
             chosen.append(index)
@@ -101,20 +146,63 @@ class WizardState:
 
     def update_gpus(self, gpus: list[GpuInfo] | tuple[GpuInfo, ...]) -> None:
         """Fresh NVML readings (from the polling worker) replace the detected ones."""
-        if self.nvml and gpus:
+        if self.hardware is not None and self.nvml and gpus:
             self.hardware = replace(self.hardware, gpus=tuple(gpus))
 
-    # ---- model and data ---------------------------------------------------------------
-    def set_model(self, ref: str, spec: Any, is_path: bool) -> None:
+    # ---- model, tokenizer and data --------------------------------------------------------
+    def set_model(self, ref: str, spec: ModelSpec, is_path: bool) -> None:
         self.spec = spec
         self.request = replace(self.request, model=spec.id if is_path else ref,
                                model_path=ref if is_path else None)
 
+    def set_tokenizer(self, path: str | None) -> None:
+        """A tokenizer folder or tokenizer.json; None (or "auto") finds the model's own."""
+        text = (path or "").strip()
+        self.request = replace(self.request, tokenizer=None if text.lower() in ("", "auto") else text)
+
     def set_dataset(self, dataset: DatasetRef | None) -> None:
-        """A new file or layout: the old profile no longer applies."""
+        """A new file or layout: the old profile and preview no longer apply."""
         self.request = replace(self.request, dataset=dataset)
         self.profile = None
-        self.layout = None
+        self.preview = None
+        if dataset is None:
+            self.profile_generation += 1  # a profile still running is for another file
+            self.profile_status = no_dataset_status()
+
+    def profiling_started(self) -> int:
+        """Forget the old profile; returns the generation the new result must carry."""
+        self.profile_generation += 1
+        self.profile = None
+        self.preview = None
+        self.tokenizer = None
+        self.profile_status = ProfileStatus("running", "reading the tokenizer…")
+        return self.profile_generation
+
+    def tokenizer_chosen(self, tok: CountingTokenizer) -> None:
+        self.tokenizer = tok
+        if self.profile_status.busy:
+            self.profile_status = replace(self.profile_status, text=f"counting with {tok.name}…")
+
+    def profiling_progress(self, done: int, total: int | None) -> None:
+        if self.profile_status.busy:
+            self.profile_status = replace(self.profile_status, done=done, total=total)
+
+    def profiling_done(self, profile: LengthProfile, tok: CountingTokenizer) -> None:
+        self.profile, self.tokenizer = profile, tok
+        origin = tokenizer_origin(self.request, tok)
+        self.profile_status = ProfileStatus("approximate", f"approximate: {origin}") if tok.approximate \
+            else ProfileStatus("done", f"exact: {origin}")
+
+    def profiling_failed(self, message: str, cancelled: bool = False) -> None:
+        self.profile = None
+        self.profile_status = ProfileStatus("cancelled", "cancelled: the plan uses the cutoff you set") if cancelled \
+            else ProfileStatus("failed", f"failed: {message}")
+
+    @property
+    def provisional(self) -> bool:
+        """True while the dataset's token lengths, which set the cutoff, are still being read."""
+        return (self.request.dataset is not None and self.profile is None
+                and self.profile_status.state in ("idle", "running") and "cutoff_len" not in self.request.fixed)
 
     # ---- knobs ------------------------------------------------------------------------
     @property
@@ -122,69 +210,80 @@ class WizardState:
         return self.plan.knobs if self.plan is not None else self.request.knobs
 
     def set_knob(self, name: str, value: Any) -> None:
-        """Hold a knob at the user's value (validated; raises pydantic's ValidationError)."""
+        """Hold a knob at the user's value (validated: a bad one raises `BadValue`)."""
         knobs = self.request.knobs.replace(**{name: value})
         self.request = replace(self.request, knobs=knobs, fixed=self.request.fixed | {name})
 
     def set_effective_batch(self, value: int) -> None:
         """A target effective batch: the advisor re-derives accumulation to reach it."""
-        if value < 1:
-            raise UserError("effective batch must be at least 1.")
-        self.request = replace(self.request, effective_batch=value,
-                               fixed=(self.request.fixed - {"grad_accum"}) | {"effective_batch"})
+        default_accum = TrainingKnobs().grad_accum
+        req = replace(self.request, effective_batch=value, knobs=self.request.knobs.replace(grad_accum=default_accum),
+                      fixed=(self.request.fixed - {"grad_accum"}) | {"effective_batch"})
+        check_request(req)
+        self.request = req
 
     def release_knobs(self) -> None:
-        """Hand every knob back to the advisor."""
-        self.request = replace(self.request, fixed=frozenset(), effective_batch=DEFAULT_EFFECTIVE_BATCH)
+        """Hand every knob back to the advisor (the knobs it does not choose go back to their defaults)."""
+        self.request = replace(self.request, knobs=TrainingKnobs(), fixed=frozenset(),
+                               effective_batch=DEFAULT_EFFECTIVE_BATCH)
 
     # ---- planning ---------------------------------------------------------------------
-    def ready(self) -> bool:
-        return self.hardware is not None and self.spec is not None
-
     def replan(self) -> Plan | None:
-        """Re-run the planner on the current choices. Errors are kept for the plan screen."""
+        """Re-run the pure planner on the current choices. Errors are kept for the plan screen."""
         hw = self.plan_hardware()
         if hw is None or self.spec is None:
             return None
         started = time.perf_counter()
         try:
-            # the profile is passed in (or absent while profiling): make_plan must never profile here
-            plan = make_plan(replace(self.request, dataset=None), hardware=hw, profile=self.profile)
+            self.plan = make_plan(self.request, hw, self.spec, self.profile)
         except UserError as e:
-            self.plan_error = str(e)
+            self.plan_error = e.render(label_of)
             return None
         finally:
             self.plan_ms = (time.perf_counter() - started) * 1000
-        self.plan = replace(plan, request=self.request)
         self.plan_error = None
         return self.plan
 
     # ---- the equivalent command ---------------------------------------------------------
-    def auto_command(self) -> str:
-        """The `tuiwiz --auto` line that reproduces this plan (user-set knobs only)."""
+    def command_args(self) -> list[list[str]]:
+        """`tuiwiz --auto` and one [flag, value] group per choice that reproduces this plan.
+
+        Only the knobs the user set become flags: the advisor chooses the rest again."""
         req = self.request
-        argv = ["tuiwiz", "--auto", "--model", req.model_path or req.model]
+        groups: list[list[str]] = [["tuiwiz", "--auto"]]
+
+        def add(name: str, *value: str) -> None:
+            groups.append([flag_for(name), *value])
+
+        add("model", req.model_path or req.model)
         if req.tokenizer:
-            argv += ["--tokenizer", req.tokenizer]
+            add("tokenizer", req.tokenizer)
         if req.dataset is not None:
-            argv += ["--dataset", req.dataset.path]
+            add("dataset", req.dataset.path)
             if req.dataset.layout:
-                argv += ["--layout", req.dataset.layout]
+                add("layout", req.dataset.layout)
         if req.gpu or not self.nvml:
-            argv += ["--gpu", self.catalog_card]
+            add("gpu", self.catalog_card)
         elif req.gpu_indices:
-            argv += ["--gpus", ",".join(map(str, req.gpu_indices))]
-        for name, flag in KNOB_FLAG.items():
-            if name in req.fixed:
-                argv += [flag, _flag_value(getattr(req.knobs, name))]
+            add("gpus", ",".join(map(str, req.gpu_indices)))
+        for info in KNOBS:
+            if info.name in req.fixed:
+                add(info.name, format_knob(info.name, getattr(req.knobs, info.name)))
         if "effective_batch" in req.fixed:
-            argv += ["--effective-batch", str(req.effective_batch)]
+            add("effective_batch", str(req.effective_batch))
         if req.headroom != DEFAULT_HEADROOM:
-            argv += ["--headroom", f"{req.headroom:g}"]
-        if req.percentile != 99.0:
-            argv += ["--percentile", f"{req.percentile:g}"]
+            add("headroom", f"{req.headroom:g}")
+        if req.percentile != DEFAULT_PERCENTILE:
+            add("percentile", f"{req.percentile:g}")
         if req.sample:
-            argv += ["--sample", str(req.sample)]
+            add("sample", str(req.sample))
+        if req.strict:
+            add("strict")
         if req.trust_remote_code:
-            argv.append("--trust-remote-code")
-        return shlex.join(argv)
+            add("trust_remote_code")
+        return groups
+
+    def auto_command(self) -> str:
+        """The command, one flag per line with ` \\` continuations, so it copies cleanly into a shell."""
+        return " \\\n  ".join(shlex.join(g) for g in self.command_args())
+

@@ -1,8 +1,10 @@
-"""Step 3: the dataset: file, layout, a token-length profile and the masked-token preview."""
+"""Step 3: the dataset: file, layout, the tokenizer that counts it, a token-length profile and the
+masked-token preview (rendered with that tokenizer's own chat template)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
@@ -10,21 +12,29 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import DataTable, Input, Label, ProgressBar, Select, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Input, Label, ProgressBar, Select, Static, TabbedContent, TabPane, Tabs
 
 from tuiwiz.preset import DatasetRef
 from tuiwiz.tui.render import histogram, mask_text
 from tuiwiz.tui.screens.base import WizardScreen
 from tuiwiz.tui.suggest import PathSuggester
 
+if TYPE_CHECKING:
+    from tuiwiz.data import LengthProfile
+    from tuiwiz.tui.state import ProfileStatus
+
 AUTO = "__auto__"
 LAYOUT_CHOICES = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # tuiwiz.data.LAYOUTS
 STAT_ROWS = (("samples", "count"), ("min", "min"), ("mean", "mean"), ("p50", "p50"), ("p90", "p90"),
              ("p95", "p95"), ("p99", "p99"), ("max", "max"), ("total tokens", "total_tokens"),
              ("trained tokens", "trained_tokens"))
+#: How each profile state is coloured.
+STATUS_STYLE = {"idle": "italic", "running": "", "done": "green", "approximate": "yellow", "failed": "bold red",
+                "cancelled": "yellow"}
+TOKENIZER_AUTO_HINT = "auto (the model's own), or a folder with tokenizer.json"
 
 
-def stats_table(profile, cutoff: int, micro_batch: int, packing: bool) -> Table:  # noqa: ANN001
+def stats_table(profile: LengthProfile, cutoff: int, micro_batch: int, packing: bool) -> Table:
     """Length statistics beside what the chosen cutoff does to this data."""
     t = Table(box=None, padding=(0, 1), show_header=True, header_style="bold")
     t.add_column("tokens per sample", no_wrap=True)
@@ -51,8 +61,22 @@ def stats_table(profile, cutoff: int, micro_batch: int, packing: bool) -> Table:
     return t
 
 
+def check_tokenizer_path(text: str) -> str | None:
+    """Why `text` cannot be a tokenizer (None when it can): caught here, before a worker tries it."""
+    p = Path(text).expanduser()
+    if not p.exists():
+        return f"{text}: no such file or folder."
+    if p.is_dir() and not (p / "tokenizer.json").is_file():
+        return (f"{text}: no tokenizer.json in this folder. Give the folder of the model's tokenizer "
+                "(it holds tokenizer.json), or leave the field empty for auto.")
+    if p.is_file() and p.suffix != ".json":
+        return f"{text}: not a tokenizer.json file."
+    return None
+
+
 class DatasetScreen(WizardScreen):
     STEP = "dataset"
+    AUTO_FOCUS = ""  # on_mount decides: the tabs, or the file field when there is no dataset yet
     BINDINGS = [
         Binding("ctrl+o", "browse", "browse"),
         Binding("escape", "cancel", "cancel profiling"),
@@ -60,12 +84,15 @@ class DatasetScreen(WizardScreen):
     ]
 
     def compose_body(self) -> ComposeResult:
-        with Horizontal(id="ds-row"):
+        with Horizontal(id="ds-row", classes="field-row"):
             yield Label("File ", classes="row-label")
             yield Input(id="ds-path", placeholder="path to .jsonl/.json/.csv/.parquet (→ completes, ^o browse)",
                         suggester=PathSuggester(), compact=True)
             yield Select([("layout: detect", AUTO), *((f"layout: {x}", x) for x in LAYOUT_CHOICES)],
                          id="ds-layout", allow_blank=False, compact=True)
+        with Horizontal(id="tok-row", classes="field-row"):
+            yield Label("Tokenizer ", classes="row-label")
+            yield Input(id="ds-tokenizer", placeholder=TOKENIZER_AUTO_HINT, suggester=PathSuggester(), compact=True)
         with Horizontal(id="ds-status-row"):
             yield Static(id="ds-status")
             yield ProgressBar(id="ds-progress", show_eta=False)
@@ -87,46 +114,67 @@ class DatasetScreen(WizardScreen):
     def on_mount(self) -> None:
         self._longest_key: object = None
         self.query_one("#ds-longest", DataTable).add_columns("#", "line", "tokens", "trained", "starts with")
-        ds = self.state.request.dataset
+        req = self.state.request
+        ds = req.dataset
         self.query_one("#ds-path", Input).value = ds.path if ds else ""
+        self.query_one("#ds-tokenizer", Input).value = req.tokenizer or ""
         if ds and ds.layout in LAYOUT_CHOICES:
             with self.prevent(Select.Changed):
                 self.query_one("#ds-layout", Select).value = ds.layout
         super().on_mount()
+        # arriving does not put the cursor in a text field, unless there is nothing else to do
+        if ds is None:
+            self.query_one("#ds-path", Input).focus()
+        else:
+            self.query_one("#ds-tabs", TabbedContent).query_one(Tabs).focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "cancel":
+            return self.state.profile_status.busy  # esc is only a key while there is something to cancel
+        return True
 
     # ---- drawing ---------------------------------------------------------------------------
     def show_progress(self) -> None:
-        done, total = self.wizard.profile_progress
+        status = self.state.profile_status
         bar = self.query_one("#ds-progress", ProgressBar)
-        bar.display = self.wizard.profiling
-        bar.update(total=total, progress=done)
-        if self.wizard.profiling:
-            of = f" of {total:,}" if total else ""
-            self.query_one("#ds-status", Static).update(
-                Text.assemble(("profiling ", "bold"), f"{done:,}{of} samples…  ", ("esc", "bold"), " cancels"))
+        bar.display = status.busy
+        if not status.busy:
+            return
+        bar.update(total=status.total, progress=status.done)
+        of = f" of {status.total:,}" if status.total else ""
+        counted = f"{status.done:,}{of} samples" if status.done else status.text
+        self.query_one("#ds-status", Static).update(
+            Text.assemble(("profiling ", "bold"), counted, "  ", ("esc", "bold"), " cancels"))
+        self.refresh_bindings()
 
     def sync_body(self) -> None:
-        st, app = self.state, self.wizard
-        prof = st.profile
-        status = self.query_one("#ds-status", Static)
-        if app.profiling:
+        st = self.state
+        self.query_one("#ds-progress", ProgressBar).display = st.profile_status.busy
+        if st.profile_status.busy:
             self.show_progress()
         else:
-            self.query_one("#ds-progress", ProgressBar).display = False
-            if prof is None:
-                status.update(Text(app.profile_status, style="yellow" if "fail" in app.profile_status else "italic"))
-            else:
-                detected = "" if st.request.dataset and st.request.dataset.layout else " (detected)"
-                line = Text.assemble(("layout ", "dim"), (prof.layout + detected, "bold"),
-                                     ("  samples ", "dim"), f"{prof.samples:,}", ("  tokenizer ", "dim"))
-                if prof.approximate:
-                    line.append(" APPROXIMATE ", style="bold black on yellow")
-                    line.append(f" {prof.tokenizer}")
-                else:
-                    line.append(prof.tokenizer)
-                status.update(line)
+            self.query_one("#ds-status", Static).update(self._status_text(st.profile_status))
+            self.refresh_bindings()
         self._draw_profile()
         self._draw_preview()
+
+    def _status_text(self, status: ProfileStatus) -> Text:
+        """The layout and sample count, then the tokenizer by name, exact or approximate and why."""
+        prof, tok = self.state.profile, self.state.tokenizer
+        style = STATUS_STYLE[status.state]
+        if prof is None or tok is None:
+            return Text(status.text, style=style)
+        ds = self.state.request.dataset
+        detected = "" if ds and ds.layout else " (detected)"
+        line = Text.assemble(("layout ", "dim"), (prof.layout + detected, "bold"), ("  samples ", "dim"),
+                             f"{prof.samples:,}", ("\ntokenizer ", "dim"), (tok.name, "bold"), " ")
+        if status.state == "approximate":
+            line.append(" APPROXIMATE ", style="bold black on yellow")
+            line.append(" " + status.text.removeprefix("approximate: ") + "; give its folder in Tokenizer above",
+                        style="yellow")
+        else:
+            line.append(status.text, style=style)
+        return line
 
     def _draw_profile(self) -> None:
         prof = self.state.profile
@@ -143,7 +191,7 @@ class DatasetScreen(WizardScreen):
             return
         k = self.state.knobs
         width = max(20, self.size.width - 4)
-        height = max(4, self.size.height - 12)
+        height = max(3, self.size.height - 14)
         top = int(max(prof.stats.get("max", 1), k.cutoff_len * 1.02))
         edges, counts = prof.histogram(bins=min(width, 120), upto=top)
         marks = {"p95": (prof.value_at(95), "yellow"), "p99": (prof.value_at(99), "magenta"),
@@ -160,7 +208,7 @@ class DatasetScreen(WizardScreen):
                               ls.preview.replace("\n", " ")[:40], key=str(ls.index))
 
     def _draw_preview(self) -> None:
-        pv = self.wizard.preview
+        pv = self.state.preview
         info = self.query_one("#preview-info", Static)
         text = self.query_one("#preview-text", Static)
         if pv is None:
@@ -169,7 +217,7 @@ class DatasetScreen(WizardScreen):
             return
         trained = sum(1 for _, t in pv.pieces if t)
         info.update(Text.assemble(f"  {pv.where}: {len(pv.pieces)} tokens, ", (f"{trained} trained", "black on green3"),
-                                  ", ", ("masked", "grey58")))
+                                  ", ", ("masked", "grey58"), (f" ({pv.tokenizer})", "dim")))
         text.update(mask_text(pv.pieces))
 
     # ---- actions ---------------------------------------------------------------------------
@@ -177,7 +225,6 @@ class DatasetScreen(WizardScreen):
         path = path.strip()
         if not path:
             self.state.set_dataset(None)
-            self.wizard.profile_status = "no dataset: the plan uses the cutoff you set"
             self.wizard.changed()
             return
         if not Path(path).expanduser().exists():
@@ -190,6 +237,19 @@ class DatasetScreen(WizardScreen):
     @on(Input.Submitted, "#ds-path")
     def _path_submitted(self, event: Input.Submitted) -> None:
         self._set_path(event.value)
+
+    @on(Input.Submitted, "#ds-tokenizer")
+    def _tokenizer_submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if text and text.lower() != "auto":
+            problem = check_tokenizer_path(text)
+            if problem is not None:
+                self.wizard.show_error(problem, "Tokenizer")
+                return
+        before = self.state.request.tokenizer
+        self.state.set_tokenizer(text)
+        if self.state.request.tokenizer != before or self.state.profile_status.state in ("failed", "cancelled"):
+            self.wizard.start_profile()
 
     @on(Select.Changed, "#ds-layout")
     def _layout_changed(self, event: Select.Changed) -> None:
@@ -208,14 +268,14 @@ class DatasetScreen(WizardScreen):
             index = int(event.value)
         except ValueError:
             return
-        self.wizard.load_preview(index)
+        self.wizard.show_sample(index)
 
     @on(DataTable.RowSelected, "#ds-longest")
     def _longest_selected(self, event: DataTable.RowSelected) -> None:
-        index = int(event.row_key.value)
+        index = int(str(event.row_key.value))
         self.query_one("#preview-index", Input).value = str(index)
         self.query_one("#ds-tabs", TabbedContent).active = "tab-preview"
-        self.wizard.load_preview(index)
+        self.wizard.show_sample(index)
 
     def action_cancel(self) -> None:
         self.wizard.cancel_profile()

@@ -30,6 +30,7 @@ def _fmt(v: float | None, unit: str) -> str:
 
 class HardwareScreen(WizardScreen):
     STEP = "hardware"
+    AUTO_FOCUS = "#gpus"
     BINDINGS = [Binding("space", "toggle", "use GPU"), Binding("g", "pick_card", "card")]
 
     def compose_body(self) -> ComposeResult:

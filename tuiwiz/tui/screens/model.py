@@ -22,9 +22,9 @@ PARTS = (("embedding", "embeddings"), ("attention", "attention"), ("mlp", "MLP")
 def model_facts(spec) -> Table:  # noqa: ANN001 - a ModelSpec
     t = Table.grid(padding=(0, 1))
     t.add_column(style="bold", no_wrap=True)
-    t.add_column(no_wrap=True)
-    t.add_row("model", Text(spec.id, overflow="ellipsis"))
-    t.add_row("source", Text(spec.source, overflow="ellipsis"))
+    t.add_column(overflow="fold")
+    t.add_row("model", Text(spec.id, overflow="fold"))
+    t.add_row("source", Text(spec.source, overflow="fold"))
     t.add_row("type", spec.model_type + (f", MoE {spec.num_experts}x{spec.experts_per_token}" if spec.is_moe else ""))
     t.add_row("params", f"{spec.params_b:.2f} B ({spec.total_params:,})")
     t.add_row("layers", f"{spec.layers} x hidden {spec.hidden}")
@@ -41,7 +41,8 @@ def model_facts(spec) -> Table:  # noqa: ANN001 - a ModelSpec
 
 class ModelScreen(WizardScreen):
     STEP = "model"
-    BINDINGS = [Binding("slash", "focus_input", "edit", show=False)]
+    AUTO_FOCUS = "#model-choices"  # arriving picks from the list; / (or tab) goes to the text field
+    BINDINGS = [Binding("slash", "focus_input", "type an id or path")]
 
     def compose_body(self) -> ComposeResult:
         yield Label("Hub id, model folder or config.json. Enter looks it up, → completes.",
@@ -54,10 +55,11 @@ class ModelScreen(WizardScreen):
     def on_mount(self) -> None:
         self._choices_key: tuple[str, ...] = ()
         self._suggest_key: tuple[str, ...] = ()
+        self._filter = ""  # what the user typed to narrow the list (the initial value does not)
         inp = self.query_one("#model-input", Input)
-        inp.value = self.state.request.model_path or self.state.request.model
+        with self.prevent(Input.Changed):
+            inp.value = self.state.request.model_path or self.state.request.model
         super().on_mount()
-        inp.focus()
 
     def _all_ids(self) -> list[str]:
         cached = self.wizard.cached_models or []
@@ -68,7 +70,7 @@ class ModelScreen(WizardScreen):
         if tuple(ids) != self._suggest_key:
             self._suggest_key = tuple(ids)
             self.query_one("#model-input", Input).suggester = SuggestFromList(ids, case_sensitive=False)
-        self._fill_choices(self.query_one("#model-input", Input).value)
+        self._fill_choices(self._filter)
         spec = self.state.spec
         facts = self.query_one("#model-facts", Static)
         facts.update(model_facts(spec) if spec is not None else Text("Looking up the model…", style="italic"))
@@ -83,9 +85,13 @@ class ModelScreen(WizardScreen):
         ol = self.query_one("#model-choices", OptionList)
         ol.clear_options()
         ol.add_options([Option(Text.assemble(i, (" (cache)", "green") if i in cached else ""), id=i) for i in ids])
+        current = self.state.request.model
+        if current in ids:
+            ol.highlighted = ids.index(current)
 
     @on(Input.Changed, "#model-input")
     def _typed(self, event: Input.Changed) -> None:
+        self._filter = event.value
         self._fill_choices(event.value)
 
     @on(Input.Submitted, "#model-input")
