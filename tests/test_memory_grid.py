@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from grid import child, points, records, report, runner, session, slices, summary, timing  # bench/ (pythonpath)
+
+from tuiwiz.planning.knobs import TrainingKnobs
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from grid import child, points, records, report, runner, session, slices, summary, timing  # noqa: E402
-
-from tuiwiz.planning.knobs import TrainingKnobs  # noqa: E402
-
 GB = 10**9
 
 

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import get_args
 
 import pytest
+from waiting import wait_until
 
 from tuiwiz.runs.events import (
     DoneEvent, ErrorEvent, ErrorKind, EvalEvent, EventFollower, EventWriter, LogEvent, StartEvent, StoppedEvent,
@@ -110,9 +110,11 @@ def test_sigkill_mid_write_never_leaves_a_half_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(3):
+        before = path.read_bytes().count(b"\n") if path.exists() else 0
         proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(path)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(0.3)
+        # kill it while it writes: once it has added lines of its own
+        wait_until(lambda: path.read_bytes().count(b"\n") >= before + 20, "the writer's lines")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     EventWriter(path).close()  # a resumed worker reopens the file: any torn tail is dropped

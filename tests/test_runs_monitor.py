@@ -15,8 +15,9 @@ import yaml
 from tuiwiz.runs.events import ErrorEvent, EvalEvent, EventWriter, LogEvent, StartEvent
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import RunStatus, take_lock, write_status
-from tuiwiz.tui.monitor import MonitorApp, MonitorScreen, RunView, tail_lines
-from tuiwiz.tui.screens.modals import ConfirmScreen
+from tuiwiz.runs.view import RunView
+from tuiwiz.tui.monitor import MonitorApp, MonitorScreen, tail_lines
+from tuiwiz.tui.screens.modals import ConfirmScreen, ErrorScreen
 from waiting import wait_for
 
 KNOBS = {"micro_batch_size": 4, "grad_accum": 4}
@@ -43,14 +44,14 @@ def _drawn(app: Any, events: int) -> Any:
                     and not app.screen._dirty)
 
 
-def _drive(paths: RunPaths, steps: Any, events: int) -> Any:
+def _drive(paths: RunPaths, steps: Any, events: int, **app_kw: Any) -> Any:
     async def scenario() -> Any:
-        app = MonitorApp(paths, gpu_reader=lambda: [], poll_s=0.02)
+        app = MonitorApp(paths, gpu_reader=lambda: [], poll_s=0.02, **app_kw)
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, _drawn(app, events), f"the first {events} events on screen")
             result = await steps(app, pilot)
             if app.is_running:
-                await pilot.press("q")
+                app.exit()
         return result
 
     return asyncio.run(scenario())
@@ -102,16 +103,19 @@ def test_oom_offers_a_one_key_relaunch_with_the_smaller_plan(tmp_path: Path, mon
 
     monkeypatch.setattr("tuiwiz.runs.launcher.launch", fake_launch)
 
-    async def steps(app: Any, pilot: Any) -> str:
+    async def steps(app: Any, pilot: Any) -> tuple[str, str]:
         gpu = str(app.screen.query_one("#gpu").render())
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the relaunch question")
         await pilot.press("y")
-        await wait_for(pilot, lambda: bool(launched), "the relaunch")
-        return gpu
+        # the launch runs in a thread worker; its UserError ends in the one shared error panel
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), "the error panel")
+        return gpu, app.screen.message
 
-    gpu = _drive(paths, steps, events=2)
+    gpu, message = _drive(paths, steps, events=2, error_log=tmp_path / "tui.log")
     assert "OOM" in gpu and "micro_batch_size 2" in gpu
+    assert message == "not really launching in a test"
+    assert not (tmp_path / "tui.log").exists()  # a UserError is the user's to fix: no traceback logged
     (preset, root), = launched
     assert preset.training.micro_batch_size == 2 and preset.training.grad_accum == 8
     assert root == paths.root.parent

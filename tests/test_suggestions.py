@@ -39,7 +39,8 @@ def test_every_suggestion_fits_when_its_flags_are_added(case: str, capsys: pytes
 def test_releasing_a_held_knob_comes_first_and_names_it(capsys: pytest.CaptureFixture[str]) -> None:
     _, data = _plan(CASES["held knobs on a 48 GB card"], capsys)
     first = data["suggestions"][0]
-    assert first["flags"] == ["--grad-checkpointing", "on"] and "you set off" in first["text"]
+    assert "let the advisor choose" in first["text"] and "you set off" in first["text"]
+    assert first["flags"][first["flags"].index("--grad-checkpointing") + 1] == "on"
     texts = " | ".join(s["text"] for s in data["suggestions"])
     assert "GB free" in texts  # a bigger card, sized from the plan's own floor, comes last
     assert data["suggestions"][-1]["flags"][0] == "--gpu"

@@ -78,6 +78,40 @@ def test_an_oom_stays_an_oom_on_a_nearly_full_disk() -> None:
     assert _classify(torch.OutOfMemoryError("CUDA out of memory"), disk_free=0)[0] == "oom"
 
 
+def _worker(tmp_path: Path, write) -> tuple[object, RunPaths]:
+    import threading
+
+    from tuiwiz.runs.events import EventWriter
+    from tuiwiz.train.worker import Worker
+
+    paths = RunPaths(tmp_path / "r1")
+    paths.root.mkdir()
+    w = Worker(paths, resume=False, merge=False, rank=0, stop_flag=threading.Event())
+    w.writer = EventWriter(paths.events, write=write)
+    w.writer.reserve(64 * 1024)
+    return w, paths
+
+
+def test_the_failure_path_records_failed_even_when_no_event_fits(tmp_path: Path) -> None:
+    def full(_fd: int, _data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    w, paths = _worker(tmp_path, full)
+    assert w._fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths.status))) == 1
+    status = read_status(paths)
+    assert status is not None and status.state == "failed" and status.message.startswith("disk: ")
+    assert paths.events.read_bytes() == b""  # nothing torn was left behind
+    assert not (paths.root / RESERVE_NAME).exists()
+
+
+def test_the_failure_path_writes_the_disk_error_event_when_it_fits(tmp_path: Path) -> None:
+    w, paths = _worker(tmp_path, os.write)
+    assert (paths.root / RESERVE_NAME).stat().st_size == 64 * 1024
+    w._fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths.checkpoints)))
+    err = _assert_failed_on_disk(paths)
+    assert str(paths.checkpoints) in err.message
+
+
 # ---- the real worker ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

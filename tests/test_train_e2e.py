@@ -151,7 +151,9 @@ def test_sigkill_mid_run_leaves_only_whole_lines_and_reads_stale(tiny: tuple[Pat
 
 
 def test_attach_shows_the_finished_curve(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    from tuiwiz.tui.monitor import MonitorApp
+    from waiting import wait_for
+
+    from tuiwiz.tui.monitor import MonitorApp, MonitorScreen
 
     model, data = tiny
     run = launch(preset_from_dict(tiny_preset_dict(model, data)), tmp_path, run_id="shown", env=_env())
@@ -160,7 +162,8 @@ def test_attach_shows_the_finished_curve(tiny: tuple[Path, Path], tmp_path: Path
     async def scenario() -> tuple[str, int, int, str, str]:
         app = MonitorApp(run.paths, gpu_reader=lambda: [], poll_s=0.05)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.pause(0.8)
+            await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.view.state == "finished"
+                           and not app.screen._dirty, "the finished run on screen")
             screen = app.screen
             title = str(screen.query_one("#title").render())
             stats = str(screen.query_one("#stats").render())

@@ -20,10 +20,6 @@ RUN_COMMANDS = ("launch", "runs", "attach", "stop", "resume")
 EXIT_FITS, EXIT_USAGE, EXIT_NO_FIT = 0, 2, 3
 
 
-#: Cutoff percentiles the profiler accepts (the help and the check say the same).
-PERCENTILES = (95.0, 99.0)
-
-
 class UsageError(UserError):
     """Flags that contradict each other."""
 
@@ -92,6 +88,9 @@ def _add_knob_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuiwiz.data.layouts import LAYOUTS
+    from tuiwiz.data.stats import PERCENTILE_RANGE
+
     p = _Parser(
         prog="tuiwiz",
         description="Plan, launch and monitor QLoRA fine-tuning. With no arguments: the wizard on the bundled demo.",
@@ -107,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="hub id (offline: HF cache or catalog), model folder, or config.json")
     g.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (exact token counts)")
     g.add_argument("--dataset", help="JSON/JSONL/CSV/Parquet file or a saved datasets folder")
-    g.add_argument("--layout", help="alpaca | sharegpt | messages | prompt_completion | text (default: detect)")
+    g.add_argument("--layout", metavar="NAME", help=f"one of {', '.join(LAYOUTS)} (default: detect)")
     g.add_argument("--sample", type=int, metavar="N", help="profile a uniform random sample of N rows")
     g.add_argument("--percentile", type=float, default=99.0,
-                   help=f"cutoff percentile, {PERCENTILES[0]:g}-{PERCENTILES[1]:g} (default 99)")
+                   help=f"cutoff percentile, {PERCENTILE_RANGE[0]:g}-{PERCENTILE_RANGE[1]:g} (default 99)")
     g.add_argument("--strict", action="store_true", help="fail on the first malformed row instead of skipping")
     g.add_argument("--gpu", help="plan for a catalog card (4090, A100-80GB, H100...) or a size (24GB); 'auto' detects")
     g.add_argument("--gpus", type=_gpu_list, metavar="LIST", help="GPU indices to use on this machine, e.g. 0,1")
@@ -147,6 +146,7 @@ def request_from_args(args: argparse.Namespace):
     from tuiwiz.data_ref import dataset_ref_from_args
     from tuiwiz.errors import BadValue
     from tuiwiz.planner import PlanRequest, request_from_preset
+    from tuiwiz.data.stats import PERCENTILE_RANGE
     from tuiwiz.planning.knobs import KNOBS, knobs_from
     from tuiwiz.preset import load_preset
 
@@ -162,7 +162,7 @@ def request_from_args(args: argparse.Namespace):
         changes.update(_model_changes(args.model))
     if args.tokenizer:
         changes["tokenizer"] = args.tokenizer
-    if args.dataset or args.layout:
+    if args.dataset is not None or args.layout:
         changes["dataset"] = dataset_ref_from_args(args.dataset, args.layout, req.dataset)
     elif preset is None and args.model is None and not args.gpu and not args.cutoff_len:
         changes["dataset"] = dataset_ref_from_args(None, None, None)  # the bundled demo
@@ -179,8 +179,9 @@ def request_from_args(args: argparse.Namespace):
         if args.sample < 1:
             raise BadValue("sample", args.sample, "must be a positive number of rows")
         changes["sample"] = args.sample
-    if not PERCENTILES[0] <= args.percentile <= PERCENTILES[1]:
-        raise BadValue("percentile", args.percentile, f"must be between {PERCENTILES[0]:g} and {PERCENTILES[1]:g}")
+    if not PERCENTILE_RANGE[0] <= args.percentile <= PERCENTILE_RANGE[1]:
+        raise BadValue("percentile", args.percentile,
+                       f"must be between {PERCENTILE_RANGE[0]:g} and {PERCENTILE_RANGE[1]:g}")
     changes.update(percentile=args.percentile, strict=args.strict)
     if args.trust_remote_code:
         changes["trust_remote_code"] = True

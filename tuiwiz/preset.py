@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuiwiz.atomic import write_text_atomic
 from tuiwiz.errors import NotFound, UserError, bounded, shown
+from tuiwiz.data.layouts import LAYOUTS, Layout
 from tuiwiz.planning.knobs import TrainingKnobs
 
 PRESET_VERSION = 1
@@ -37,7 +38,7 @@ class DatasetRef(_Strict):
     """Which data to train on and how to read it."""
 
     path: str = Field(min_length=1)
-    layout: str | None = Field(None, description="alpaca | sharegpt | messages | prompt_completion | text; detected when empty")
+    layout: Layout | None = Field(None, description=f"one of {', '.join(LAYOUTS)}; detected when empty")
     columns: dict[str, str] | None = Field(None, description="map of our field names to the file's keys")
     system_prompt: str | None = None
 

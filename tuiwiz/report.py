@@ -31,6 +31,8 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         trunc = plan.profile.at_cutoff(k.cutoff_len, k.micro_batch_size, k.packing).truncated
         lines.extend(_wrap(f"{p['samples']} samples ({p['layout']}), tokens p50 {p['p50']} p95 {p['p95']} "
                            f"p99 {p['p99']} max {p['max']}{approx}", width, "Data    ", " " * 8))
+        if plan.profile.skipped_note():
+            lines.extend(_wrap(f"! {plan.profile.skipped_note()}", width, " " * 8, " " * 10))
         lines.extend(_wrap(f"cutoff {k.cutoff_len} truncates {trunc} sample{'s' if trunc != 1 else ''}; "
                            f"tokenizer {p['tokenizer']}", width, " " * 8, " " * 8))
     lines.append("")

@@ -50,9 +50,6 @@ class EventsCallback(TrainerCallback):
         self.t0 = time.time()
         self.start_step = 0
         self.last: tuple[float, int, float] | None = None  # (time, step, num_tokens)
-        self.step = 0
-        self.total_steps = 0
-        self.last_loss: float | None = None
 
     def _emit(self, event: Any) -> None:
         if self.writer is not None:
@@ -60,8 +57,7 @@ class EventsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
         self.t0 = time.time()
-        self.start_step = self.step = state.global_step
-        self.total_steps = state.max_steps
+        self.start_step = state.global_step
         self.last = (self.t0, state.global_step, 0.0)
         if state.is_world_process_zero:
             self._emit(self.start_info(state))
@@ -71,7 +67,6 @@ class EventsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         now = time.time()
-        self.step = state.global_step
         if "eval_loss" in logs:
             self._emit(EvalEvent(step=state.global_step, epoch=_f(state.epoch), eval_loss=float(logs["eval_loss"])))
             update_status(self.paths, eval_loss=float(logs["eval_loss"]), heartbeat=now)
@@ -90,11 +85,11 @@ class EventsCallback(TrainerCallback):
         self.last = (now, state.global_step, tokens)
         done = state.global_step - self.start_step
         eta = (state.max_steps - state.global_step) * (now - self.t0) / done if done > 0 else None
-        self.last_loss = _f(logs.get("loss"))
-        self._emit(LogEvent(step=state.global_step, epoch=_f(state.epoch), loss=self.last_loss,
+        loss = _f(logs.get("loss"))
+        self._emit(LogEvent(step=state.global_step, epoch=_f(state.epoch), loss=loss,
                             lr=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
                             tokens_per_s=tps, samples_per_s=sps, eta_s=eta, **gpu_memory(self.device)))
-        update_status(self.paths, step=state.global_step, loss=self.last_loss, heartbeat=now)
+        update_status(self.paths, step=state.global_step, loss=loss, heartbeat=now)
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[override]
         if state.is_world_process_zero:

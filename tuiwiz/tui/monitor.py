@@ -23,7 +23,7 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import ProgressBar, Static
-from textual.worker import get_current_worker
+from textual.worker import Worker, get_current_worker
 from textual_plotext import PlotextPlot
 
 from tuiwiz.runs.events import Event, EventFollower
@@ -171,6 +171,11 @@ class MonitorScreen(Screen[None]):
         self.follow()
         self.set_interval(REDRAW_S, self._redraw_if_dirty)
         self.redraw()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """This screen's workers report to the app's one handler (the message does not bubble)."""
+        if isinstance(self.app, BaseApp):
+            self.app.on_worker_state_changed(event)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "relaunch":  # a key only when there is a smaller plan to relaunch with
