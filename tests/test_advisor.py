@@ -14,10 +14,10 @@ LLAMA = resolve_model("meta-llama/Llama-3.1-8B")
 def test_chosen_micro_batch_fits_and_double_would_not():
     budget = budget_bytes(24)
     a = advise(LLAMA, TrainingKnobs(cutoff_len=2048), budget)
-    assert a.fits
     b = a.knobs.micro_batch_size
-    if b < 16:
-        assert estimate_memory(LLAMA, a.knobs.replace(micro_batch_size=b * 2)).peak_bytes > budget
+    assert a.fits and b < 16  # memory stopped the search here, not the cap of 16
+    assert estimate_memory(LLAMA, a.knobs).peak_bytes <= budget
+    assert estimate_memory(LLAMA, a.knobs.replace(micro_batch_size=b * 2)).peak_bytes > budget
 
 
 def test_grad_accum_reaches_target_effective_batch():

@@ -79,11 +79,14 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys):
 
 def test_out_writes_preset_that_replans_identically(tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    run(["--auto", "--json", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "24GB", "--cutoff-len", "2048",
-         "--out", str(out)], capsys)
+    code, first, _ = run(["--auto", "--json", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "24GB",
+                          "--cutoff-len", "2048", "--out", str(out)], capsys)
+    assert code == 0 and out.exists()
     code, again, _ = run(["--auto", "--json", "--preset", str(out)], capsys)
-    first = json.loads(run(["--auto", "--json", "--preset", str(out)], capsys)[1])
-    assert code == 0 and json.loads(again)["plan"] == first["plan"]
+    original, replanned = json.loads(first), json.loads(again)
+    assert code == 0 and replanned["plan"] == original["plan"]
+    assert replanned["model"]["id"] == original["model"]["id"] == "meta-llama/Llama-3.1-8B"
+    assert replanned["memory"]["peak_gib"] == original["memory"]["peak_gib"]
     assert run(["--auto", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "24GB", "--out", str(out)], capsys)[0] == 2
 
 

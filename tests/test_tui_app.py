@@ -7,6 +7,7 @@ every run sees the same numbers.
 from __future__ import annotations
 
 import io
+import json
 import shlex
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from tuiwiz.tui import fixtures  # noqa: E402
 from tuiwiz.tui.app import make_app  # noqa: E402
 from tuiwiz.tui.screens.help import HelpScreen  # noqa: E402
 from tuiwiz.tui.screens.modals import ConfirmScreen, ErrorScreen, ExportScreen, TextScreen  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 SIZE = (80, 24)
 pytestmark = pytest.mark.anyio
@@ -392,3 +394,206 @@ async def test_launch_asks_first_then_opens_the_monitor(tmp_path: Path):
         await pilot.pause()
         assert len(launched) == 1 and launched[0].training == app.state.plan.knobs
         assert isinstance(app.screen, MonitorScreen)
+
+
+# ---- issue 16: one key rule, arrival focus, provisional verdict, tokenizer field, key bar --------
+
+STEP_KEYS = {"hardware": "f2", "model": "f3", "dataset": "f4", "plan": "f5"}
+NAV_KEYS = ("ctrl+n", "ctrl+p", "f1", "f2", "f3", "f4", "f5")
+
+
+async def _focus_field(pilot, step: str, field_id: str) -> Input:
+    await pilot.press(STEP_KEYS[step])
+    if field_id == "preview-index":
+        pilot.app.screen.query_one("#ds-tabs").active = "tab-preview"
+        await pilot.pause()
+    field = pilot.app.screen.query_one(f"#{field_id}", Input)
+    field.focus()
+    await pilot.pause()
+    assert pilot.app.focused is field
+    return field
+
+
+async def test_a_key_that_navigates_never_types_in_any_text_field():
+    app = build()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        fields = []
+        for step, key in STEP_KEYS.items():
+            await pilot.press(key)
+            assert app.current_mode == step  # F2-F5 reach every step
+            fields += [(step, inp.id) for inp in app.screen.query(Input)]
+        assert len(fields) >= 12  # file, tokenizer, sample #, model id and every number knob
+        steps = list(STEP_KEYS)
+        for step, field_id in fields:
+            here = steps.index(step)
+            goes_to = {"ctrl+n": steps[(here + 1) % 4], "ctrl+p": steps[here - 1],
+                       **{key: s for s, key in STEP_KEYS.items()}}
+            for key in NAV_KEYS:
+                field = await _focus_field(pilot, step, field_id)
+                before, request = field.value, app.state.request
+                await pilot.press(key)
+                if key == "f1":
+                    assert isinstance(app.screen, HelpScreen), (field_id, key)
+                    await pilot.press("escape")
+                else:
+                    assert app.current_mode == goes_to[key], (field_id, key)  # it navigated...
+                assert field.value == before, (field_id, key)  # ...and typed nothing
+                assert app.state.request == request, (field_id, key)
+
+
+async def test_a_key_that_types_never_navigates():
+    app = build(start_step="model")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        field = await _focus_field(pilot, "model", "model-input")
+        field.value = ""
+        await pilot.press("1", "2", "3", "4", "question_mark", "q")
+        assert field.value == "1234?q"
+        assert app.current_mode == "model" and app.is_running and not isinstance(app.screen, HelpScreen)
+        app.set_focus(None)  # outside a text field the same plain keys navigate
+        await pilot.press("3")
+        assert app.current_mode == "dataset"
+
+
+async def test_arriving_on_a_step_leaves_the_cursor_out_of_text_fields():
+    app = build()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        for key in STEP_KEYS.values():
+            await pilot.press(key)
+            assert app.focused is not None and not isinstance(app.focused, Input), app.current_mode
+    # with no dataset yet, the Dataset step has nothing else to do: the file field gets the cursor
+    app = build(PlanRequest(), start_step="dataset")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert app.focused is app.screen.query_one("#ds-path", Input)
+
+
+async def test_the_verdict_says_estimating_until_the_profile_is_in():
+    release = threading.Event()
+
+    def slow_tokenizer(req):
+        release.wait(10)
+        return HeuristicTokenizer()
+
+    app = build(start_step="plan", tokenizer_loader=slow_tokenizer)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.plan is not None, "a first plan")
+        await pilot.pause()
+        bar = plain(app.screen.query_one("#stepbar", Static))
+        verdict = plain(app.screen.query_one("#verdict", Static))
+        assert app.state.provisional
+        assert "estimating" in bar and "fits" not in bar and "GiB" not in verdict and "ESTIMATING" in verdict
+        assert app.screen.query_one("#k-cutoff_len", Input).value == ""  # no cutoff that will silently change
+        release.set()
+        await settle(pilot)
+        assert not app.state.provisional
+        bar = plain(app.screen.query_one("#stepbar", Static))
+        peak = app.state.plan.advice.estimate.peak_gib
+        assert f"fits {peak:.1f}/" in bar
+        assert app.screen.query_one("#k-cutoff_len", Input).value == str(app.state.profile.suggested_cutoff)
+
+
+async def test_a_cutoff_the_user_holds_is_not_provisional():
+    release = threading.Event()
+    app = build(start_step="plan", tokenizer_loader=lambda req: release.wait(10) and HeuristicTokenizer())
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.plan is not None, "a first plan")
+        app.state.set_knob("cutoff_len", 1024)
+        app.changed()
+        await pilot.pause()
+        assert not app.state.provisional
+        assert "FITS" in plain(app.screen.query_one("#verdict", Static))
+        release.set()
+        await settle(pilot)
+
+
+async def test_approximate_counts_name_the_tui_field_that_fixes_them_not_a_flag():
+    app = build(start_step="plan")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert app.state.profile.approximate
+        reasons = plain(app.screen.query_one("#reasons", Static), width=200)
+        assert "approximate" in reasons and "Dataset step (F4)" in reasons and "Tokenizer" in reasons
+        assert "--" not in reasons  # no CLI flag in the TUI
+        await pilot.press("f4")
+        status = plain(app.screen.query_one("#ds-status", Static), width=200)
+        assert "APPROXIMATE" in status and "heuristic" in status and "not found" in status
+
+
+async def test_the_tokenizer_field_counts_exactly_with_a_real_tokenizer(shared_data: Path):
+    from tuiwiz.planner import tokenizer_for
+
+    folder = shared_data / "tokenizers" / "qwen2.5"
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    assert "<|im_start|>" in template  # the model's own chat template, read independently
+    app = build(start_step="dataset", tokenizer_loader=tokenizer_for)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        field = app.screen.query_one("#ds-tokenizer", Input)
+        field.focus()
+        field.value = str(folder)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.state.profile is not None and app.state.preview is not None,
+                       "the exact profile and its preview")
+        await pilot.pause()
+        status = plain(app.screen.query_one("#ds-status", Static), width=200)
+        assert app.state.profile_status.state == "done" and not app.state.profile.approximate
+        assert str(folder) in status and "exact" in status and "APPROXIMATE" not in status
+        preview = "".join(t for t, _ in app.state.preview.pieces)
+        assert "<|im_start|>assistant" in preview and app.state.preview.tokenizer == str(folder)
+        assert not any("approximate" in w for w in app.state.plan.warnings)
+        assert _parsed(app.state.auto_command()).tokenizer == str(folder)
+
+
+async def test_a_folder_without_tokenizer_json_is_refused_before_profiling(tmp_path: Path):
+    app = build(start_step="dataset")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        generation = app.state.profile_generation
+        field = app.screen.query_one("#ds-tokenizer", Input)
+        field.focus()
+        field.value = str(tmp_path)
+        await pilot.press("enter")
+        assert isinstance(app.screen, ErrorScreen) and "no tokenizer.json" in app.screen.message
+        assert app.state.request.tokenizer is None and app.state.profile_generation == generation
+
+
+async def test_an_unexpected_worker_failure_is_one_line_with_the_traceback_in_the_log(tmp_path: Path):
+    def broken(req):
+        raise RuntimeError("boom\nsecond line of the message")
+
+    log = tmp_path / "tui.log"
+    app = build(start_step="dataset", tokenizer_loader=broken, error_log=log)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen)
+        message = app.screen.message
+        assert message.splitlines()[0] == "RuntimeError: boom" and str(log) in message
+        assert "second line" not in message
+        assert "Traceback" in log.read_text() and "second line of the message" in log.read_text()
+        assert app.state.profile_status.state == "failed"
+        await pilot.press("escape")
+        status = app.screen.query_one("#ds-status", Static)
+        assert "failed" in plain(status) and status.content.style == "bold red"  # coloured by the typed state
+
+
+@pytest.mark.parametrize("width", [80, 60])
+async def test_the_key_bar_keeps_help_and_quit_and_cuts_no_entry(width: int):
+    from tuiwiz.tui.keybar import KeyBar, bar_entries
+
+    app = build()
+    async with app.run_test(size=(width, 24)) as pilot:
+        await settle(pilot)
+        for key in STEP_KEYS.values():
+            await pilot.press(key)
+            await pilot.pause()
+            shown = plain(app.screen.query_one(KeyBar), width=200).rstrip()
+            assert len(shown) <= width
+            assert shown.startswith(" F1 help  ^q quit")
+            entries = [f"{k} {d}" for k, d, _ in bar_entries(app.screen)]
+            visible = [e for e in entries if e in shown]
+            assert visible == entries[: len(visible)]  # whole entries, most needed first
+            if width == 80:
+                assert visible == entries, app.current_mode  # at the design size, every key fits

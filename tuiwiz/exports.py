@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from tuiwiz.errors import BadValue, UserError
+from tuiwiz.planning.schedule import eval_and_save_steps
 from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs
 from tuiwiz.preset import DatasetRef, Preset
 
@@ -131,11 +132,7 @@ def _eval_plan(knobs: TrainingKnobs) -> tuple[bool, int, int]:
     No eval_steps means "evaluate when saving"; early stopping needs saves on eval steps.
     """
     has_eval = knobs.val_ratio > 0
-    eval_steps = knobs.eval_steps or knobs.save_steps
-    save_steps = knobs.save_steps
-    if has_eval and knobs.early_stopping_patience and save_steps % eval_steps:
-        save_steps = eval_steps
-    return has_eval, eval_steps, save_steps
+    return (has_eval, *eval_and_save_steps(knobs, has_eval))
 
 
 def _layout_and_columns(ds: DatasetRef) -> tuple[str | None, dict[str, str]]:

@@ -90,11 +90,6 @@ class ModelSpec:
     def attention_module_names(self) -> tuple[str, ...]:
         return ("qkv_proj", "o_proj") if self.model_type == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
 
-    @property
-    def norms_per_layer(self) -> int:
-        """RMSNorms per decoder layer: Gemma 2 norms before and after attention and MLP, others before."""
-        return 4 if self.model_type == "gemma2" else 2
-
     def resolve_targets(self, targets: tuple[str, ...] | str) -> dict[str, tuple[int, int]]:
         """Map LoRA targets ('attn', 'all-linear' or module names) onto this model's linears.
 

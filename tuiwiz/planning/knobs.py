@@ -18,6 +18,9 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_ada
 AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 LossImpl = Literal["chunked", "standard"]
 ComputeDtype = Literal["bf16", "fp16"]
+#: How a run spreads over its GPUs (tuiwiz.planning.strategy): replicated (DDP), FSDP-QLoRA, or
+#: DeepSpeed ZeRO-3, the last two optionally offloading their shards to host RAM.
+Strategy = Literal["ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload"]
 
 #: Names of the linear projections LoRA can target, per role. Families map their own
 #: module names onto these roles in `tuiwiz.models` (Phi-3 fuses qkv and gate/up).
@@ -47,10 +50,13 @@ LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "c
 WidgetKind = Literal["int", "float", "switch", "choice", "targets"]
 
 
-def knob(default: Any, flag: str, label: str, help: str, *, tui: bool = False, **bounds: Any) -> Any:
+def knob(default: Any, flag: str, label: str, help: str, *, tui: bool = False, auto: bool = False,
+         **bounds: Any) -> Any:
     """A `TrainingKnobs` field with what every front end needs to show it: the one place a knob
-    gets its CLI flag, its TUI label and its help. `tui` puts it in the Plan screen's knob panel."""
-    return Field(default, description=help, json_schema_extra={"flag": flag, "label": label, "tui": tui}, **bounds)
+    gets its CLI flag, its TUI label and its help. `tui` puts it in the Plan screen's knob panel;
+    `auto` lets a user type "auto" for it, which leaves it to the advisor (not held)."""
+    extra = {"flag": flag, "label": label, "tui": tui, "auto": auto}
+    return Field(default, description=help, json_schema_extra=extra, **bounds)
 
 
 class TrainingKnobs(BaseModel):
@@ -102,6 +108,10 @@ class TrainingKnobs(BaseModel):
                                   "evaluate every N steps (default: when saving)", ge=1, le=10**9)
     early_stopping_patience: int | None = knob(None, "--early-stopping", "early stopping",
                                                "stop after N evaluations without improvement", ge=1, le=10**6)
+    strategy: Strategy = knob("ddp", "--strategy", "strategy",
+                              "how the run spreads over GPUs: ddp (a whole copy per GPU), fsdp (FSDP-QLoRA, "
+                              "weights sharded), zero3 (DeepSpeed ZeRO-3); *_offload keeps the shards in host "
+                              "RAM; auto: the cheapest that fits", auto=True)
 
     @field_validator("target_modules")
     @classmethod
@@ -140,6 +150,8 @@ class KnobInfo:
     optional: bool
     tui: bool
     default: Any
+    #: "auto" is a value a user may type: it leaves the knob to the advisor (`parse_knob` gives None).
+    auto: bool = False
 
 
 def _kind_and_choices(annotation: Any) -> tuple[WidgetKind, tuple[Any, ...], bool]:
@@ -162,7 +174,7 @@ def _registry() -> tuple[KnobInfo, ...]:
         extra = f.json_schema_extra or {}
         kind, choices, optional = _kind_and_choices(f.annotation)
         out.append(KnobInfo(name, extra["flag"], extra["label"], f.description or "", kind, choices, optional,
-                            bool(extra.get("tui")), f.default))
+                            bool(extra.get("tui")), f.default, bool(extra.get("auto"))))
     return tuple(out)
 
 
@@ -173,10 +185,12 @@ NONE_WORDS = ("none", "auto")
 
 
 def parse_knob(name: str, text: str) -> Any:
-    """A knob's value from what a user typed (a CLI flag or a TUI field). Raises `BadValue`."""
+    """A knob's value from what a user typed (a CLI flag or a TUI field). Raises `BadValue`.
+
+    None means unset: "none" for an optional knob, "auto" for a knob the advisor chooses."""
     info = KNOB_BY_NAME[name]
     t = text.strip()
-    if info.optional and t.lower() in NONE_WORDS:
+    if (info.optional and t.lower() in NONE_WORDS) or (info.auto and t.lower() == "auto"):
         return None
     if info.kind == "switch":
         if t.lower() in ("on", "true", "yes", "1"):

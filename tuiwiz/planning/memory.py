@@ -147,8 +147,9 @@ def _lora_tensor_sizes(spec: ModelSpec, knobs: TrainingKnobs) -> list[int]:
 
 def lora_param_bytes(knobs: TrainingKnobs) -> int:
     """Bytes per adapter weight. trl 1.16's SFTTrainer casts the adapters of a quantized base to
-    bf16 (QLoRA paper recipe); on a 16-bit base peft's autocast_adapter_dtype keeps them fp32."""
-    return 2 if knobs.quant_bits in (4, 8) else 4
+    bf16 (QLoRA paper recipe); the worker keeps them fp32 under fp16 compute (the fp16 grad scaler
+    cannot unscale bf16 gradients); on a 16-bit base peft's autocast_adapter_dtype keeps them fp32."""
+    return 2 if knobs.quant_bits in (4, 8) and knobs.compute_dtype == "bf16" else 4
 
 
 def lora_weights_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
