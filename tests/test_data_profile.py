@@ -104,8 +104,8 @@ def test_packing_count_matches_a_plain_best_fit_decreasing() -> None:
 
 def test_packing_efficiency_is_tokens_over_slots(tmp_path: Path, word_tok) -> None:
     prof = profile_dataset(write_jsonl(tmp_path / "d.jsonl", rows_with_answers([25] * 10)), word_tok)
-    c = prof.at_cutoff(64, packing=True)  # each sample is 32 tokens: two per 64-token sequence
-    assert c.sequences == 5 and c.efficiency == pytest.approx(1.0)
+    c = prof.at_cutoff(64, batching="packed")  # each sample is 32 tokens: two per 64-token sequence
+    assert c.sequences == 5 and c.fill == pytest.approx(1.0) and c.efficiency == pytest.approx(1.0)
 
 
 def test_padding_waste_pads_each_micro_batch_to_its_longest() -> None:

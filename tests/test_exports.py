@@ -44,6 +44,10 @@ LLAMAFACTORY_KEYS = {
     # finetuning_args.py
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target",
     "use_rslora", "use_dora", "plot_loss",
+    # the 0.9.5 release, tag v0.9.5 @ 7af909522a951e3ad9f022ea6f88b6755257eaa5 in hiyouga/LLaMA-Factory:
+    # model_args.py (use_reentrant_gc, default True) and finetuning_args.py (early_stopping_steps, which
+    # train/tuner.py turns into transformers' EarlyStoppingCallback)
+    "use_reentrant_gc", "early_stopping_steps",
 }
 # extras/constants.py @ 24a406faae1d08f0b83f354ab38f7aceeee0d21b: AttentionFunction and QuantizationMethod.
 LLAMAFACTORY_FLASH_ATTN = {"auto", "disabled", "sdpa", "fa2", "fa3"}
@@ -51,7 +55,10 @@ LLAMAFACTORY_QUANT_METHODS = {"bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "h
 # Registered template names: data/template.py @ 723eb576838466518396caf8578b747022082128 (llama2, llama3,
 # mistral, phi, qwen, qwen3); "gemma" is the template extras/constants.py assigns to Gemma models;
 # "default" is registered in every template.py version the index holds. There is no "gemma2" template.
-LLAMAFACTORY_TEMPLATES = {"default", "llama2", "llama3", "mistral", "gemma", "phi", "qwen", "qwen3"}
+LLAMAFACTORY_TEMPLATES = {"default", "llama2", "llama3", "mistral", "gemma", "phi", "qwen", "qwen3",
+                          "empty"}  # "empty": data/template.py @ v0.9.5 (assistant `{{content}}`, user verbatim)
+# data/parser.py @ v0.9.5: DatasetAttr.formatting is Literal["alpaca", "sharegpt", "openai"].
+LLAMAFACTORY_FORMATTINGS = {"alpaca", "sharegpt", "openai"}
 # dataset_info.json entry keys: data/parser.py (DatasetAttr + get_dataset_list) @
 # 01d3ac67e604447345b01dfb2bc318200a135d8e in hiyouga/LLaMA-Factory.
 LLAMAFACTORY_DATASET_INFO_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "subset", "split",
@@ -83,7 +90,19 @@ AXOLOTL_KEYS = {
     "eval_steps", "evals_per_epoch", "eval_strategy", "save_steps", "saves_per_epoch", "save_strategy",
     "save_total_limit", "logging_steps", "early_stopping_patience", "chat_template", "default_system_message",
     "special_tokens",
+    # axolotl 0.19.0 (the PyPI wheel, read in bench/exports_check.py's venv; the same fields at
+    # axolotl-ai-cloud/axolotl @ 067b021c7b87a9e5e380b9173c704cf7340e30f5): utils/schemas/config.py
+    "attn_implementation", "gradient_checkpointing_kwargs", "excess_length_strategy", "plugins",
+    "chat_template_jinja",
+    # integrations/liger/args.py (LigerArgs, registered by plugins: [axolotl.integrations.liger.LigerPlugin])
+    "liger_fused_linear_cross_entropy", "liger_rms_norm", "liger_glu_activation", "liger_rope",
 }
+# Same config.py: booleans marked `deprecated="Use attn_implementation: ... instead"`. An export writes none.
+AXOLOTL_DEPRECATED = {"sdp_attention", "flash_attention", "eager_attention", "flex_attention", "xformers_attention",
+                      "sage_attention", "default_system_message"}
+# utils/schemas/enums.py @ the same commit: the canonical attn_implementation values.
+AXOLOTL_ATTN_IMPLS = {"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "xformers",
+                      "sage", "fp8"}
 # src/axolotl/utils/schemas/datasets.py @ 70be5461ba09e986aecb2eff3eef1246ce4285c4 (SFTDataset).
 AXOLOTL_DATASET_KEYS = {
     "path", "split", "type", "data_files", "name", "ds_type", "field", "field_messages",
@@ -96,7 +115,6 @@ AXOLOTL_USER_TYPE_KEYS = {"system_prompt", "system_format", "field_system", "fie
 # Built-in types we use: "alpaca" plus modules in src/axolotl/prompt_strategies/ (chat_template.py @
 # cf0c79d52e430681659cfe8c9794b1182c9426f7, completion.py @ f7a22632d75927fc9fe49b50dc9dfbe43e8aa4f3).
 AXOLOTL_TYPES = {"alpaca", "chat_template", "completion"}
-AXOLOTL_ATTN_FLAGS = {"sdp_attention", "flash_attention", "eager_attention"}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +218,8 @@ def test_every_axolotl_key_is_defined_by_axolotl(presets, hf_values):
         assert set(cfg.get("bnb_config_kwargs", {})) <= hf_values["bnb"], label
         assert cfg["optimizer"] in hf_values["optim"], label
         assert cfg["lr_scheduler"] in hf_values["scheduler"], label
-        assert sum(bool(cfg.get(flag)) for flag in AXOLOTL_ATTN_FLAGS) == 1, label
+        assert cfg["attn_implementation"] in AXOLOTL_ATTN_IMPLS, label
+        assert not AXOLOTL_DEPRECATED & set(cfg), (label, AXOLOTL_DEPRECATED & set(cfg))
 
 
 def test_export_starts_with_a_comment_naming_tuiwiz_and_the_plan(tmp_path):
@@ -307,21 +326,21 @@ def test_gradient_checkpointing_off_is_exported():
     assert load(preset, "axolotl")["gradient_checkpointing"] is False
 
 
-@pytest.mark.parametrize("attn,lf_value,ax_flag", [
-    ("sdpa", "sdpa", "sdp_attention"),
-    ("flash_attention_2", "fa2", "flash_attention"),
-    ("eager", "disabled", "eager_attention"),
+@pytest.mark.parametrize("attn,lf_value,ax_value", [
+    ("sdpa", "sdpa", "sdpa"),
+    ("flash_attention_2", "fa2", "flash_attention_2"),
+    ("eager", "disabled", "eager"),
 ])
-def test_attention_implementation_maps_to_each_trainers_option(attn, lf_value, ax_flag):
+def test_attention_implementation_maps_to_each_trainers_option(attn, lf_value, ax_value):
     preset = make(attn=attn)
     assert load(preset, "llamafactory")["flash_attn"] == lf_value
-    assert load(preset, "axolotl")[ax_flag] is True
+    assert load(preset, "axolotl")["attn_implementation"] == ax_value
 
 
 def test_packing_and_max_steps_are_exported():
     preset = make(packing=True, max_steps=500)
     lf, ax = load(preset, "llamafactory"), load(preset, "axolotl")
-    assert lf["packing"] is True and lf["max_steps"] == 500
+    assert lf["neat_packing"] is True and lf["max_steps"] == 500  # packed samples never attend to each other
     assert ax["sample_packing"] is True and ax["max_steps"] == 500
 
 
@@ -379,7 +398,7 @@ def _info_entry(text: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("layout,formatting,ax_type", [
-    ("alpaca", "alpaca", "alpaca"),
+    ("alpaca", "alpaca", dict),
     ("sharegpt", "sharegpt", "chat_template"),
     ("messages", "sharegpt", "chat_template"),
     ("prompt_completion", "alpaca", dict),
@@ -403,7 +422,8 @@ def test_each_layout_gets_a_matching_dataset_entry(tmp_path, layout, formatting,
     ds = load(preset, "axolotl")["datasets"][0]
     assert ds["path"] == str(path) and ds["ds_type"] == "json"
     if ax_type is dict:
-        assert ds["type"]["field_instruction"] == "prompt" and ds["type"]["field_output"] == "completion"
+        fields = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}[layout]
+        assert (ds["type"]["field_instruction"], ds["type"]["field_output"]) == fields
     else:
         assert ds["type"] == ax_type
 
@@ -443,14 +463,19 @@ def test_missing_dataset_file_with_unset_layout_still_exports(tmp_path):
     assert yaml.safe_load(export_text(preset, "axolotl"))["datasets"][0]["path"].endswith("absent.jsonl")
 
 
-def test_plan_without_a_dataset_says_how_to_add_one():
+def test_plan_without_a_dataset_exports_a_marked_placeholder():
     preset = make()
     lf_text, ax_text = export_text(preset, "llamafactory"), export_text(preset, "axolotl")
     assert "no dataset" in lf_text and "dataset_info.json" in lf_text
-    assert "no dataset" in ax_text and "datasets" not in yaml.safe_load(ax_text)
+    assert yaml.safe_load(lf_text)["dataset"] == "REPLACE_ME"
+    assert "no dataset" in ax_text
+    # axolotl refuses a config without datasets ("either datasets or pretraining_dataset is required")
+    assert yaml.safe_load(ax_text)["datasets"][0]["path"].startswith("REPLACE_ME")
 
 
 def test_system_prompt_is_exported(tmp_path):
     preset = make(dataset={"path": str(tmp_path / "a.jsonl"), "layout": "alpaca", "system_prompt": "Be brief."})
     assert load(preset, "llamafactory")["default_system"] == "Be brief."
-    assert load(preset, "axolotl")["default_system_message"] == "Be brief."
+    # axolotl honours default_system_message only with its chatml template: the prompt carries it
+    ax = load(preset, "axolotl")
+    assert "Be brief." in ax["datasets"][0]["type"]["format"] and "default_system_message" not in ax

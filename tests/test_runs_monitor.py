@@ -161,3 +161,48 @@ def test_stop_key_asks_first_then_sends_sigterm(tmp_path: Path, monkeypatch: pyt
             os.close(fd)
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+def test_view_folds_a_whole_run_and_each_way_it_can_end() -> None:
+    from tuiwiz.runs.events import CheckpointEvent, DoneEvent, StoppedEvent
+
+    logs = [LogEvent(step=s, loss=3.0 - s / 10, eta_s=100.0 - s, mem_peak_gib=9.5 + s / 10) for s in (1, 2, 3)]
+    going = RunView().fold([START, *logs, CheckpointEvent(step=3, path="c3")])
+    assert (going.state, going.step, going.total_steps, going.loss, going.eta_s) == ("running", 3, 20, 2.7, 97.0)
+    assert going.mem_peak_gib == 9.8 and going.last_checkpoint == "c3" and going.error is None
+    done = RunView().fold([START, *logs, DoneEvent(step=20, adapter_path="a", peak_gib=10.4)])
+    assert (done.state, done.step, done.eta_s, done.mem_peak_gib) == ("finished", 20, 0.0, 10.4)
+    stopped = RunView().fold([START, *logs, StoppedEvent(step=3)])
+    assert (stopped.state, stopped.step) == ("stopped", 3)
+    oom = ErrorEvent(kind="oom", message="out of memory", suggestion="smaller", step=3, peak_gib=23.5)
+    failed = RunView().fold([START, *logs, oom])
+    assert (failed.state, failed.error, failed.mem_peak_gib) == ("failed", oom, 23.5)
+    # a resume after the failure clears it and goes back to the step it resumed from
+    again = failed.fold([START.model_copy(update={"start_step": 2, "resumed_from": "c2"})])
+    assert (again.state, again.error, again.step) == ("running", None, 2)
+
+
+def test_the_run_view_imports_no_textual() -> None:
+    code = "import sys, tuiwiz.runs.view; sys.exit('textual' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_q_asks_before_quitting_the_monitor(tmp_path: Path) -> None:
+    paths = _run(tmp_path, START, LogEvent(step=1, loss=3.0))
+
+    async def steps(app: Any, pilot: Any) -> tuple[str, bool, bool]:
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the quit question")
+        question = app.screen.question
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen), "the monitor again")
+        still_running = app.is_running
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the quit question again")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.is_running, "the monitor to quit")
+        return question, still_running, app.is_running
+
+    question, still_running, running_after_yes = _drive(paths, steps, events=2)
+    assert "Detach and quit" in question and "goes on" in question
+    assert still_running and not running_after_yes

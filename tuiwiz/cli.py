@@ -17,6 +17,8 @@ from tuiwiz import __version__
 from tuiwiz.errors import Clobber, UserError
 
 RUN_COMMANDS = ("launch", "runs", "attach", "stop", "resume")
+#: Exports that launch the plan on a cluster (tuiwiz.runs.cluster): an sbatch script, a per-node script.
+CLUSTER_EXPORTS = ("slurm", "torchrun")
 EXIT_FITS, EXIT_USAGE, EXIT_NO_FIT = 0, 2, 3
 
 
@@ -46,6 +48,21 @@ def _gpu_list(v: str) -> tuple[int, ...]:
     if not out or any(i < 0 for i in out):
         raise argparse.ArgumentTypeError(f"expected GPU indices (0 or more) like 0,1, got {v!r}")
     return out
+
+
+def _count(flag: str):
+    """The argparse type of a count flag: a whole number, 1 or more."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
+        return n
+
+    parse.__name__ = flag.lstrip("-")
+    return parse
 
 
 def _knob_type(name: str):
@@ -113,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", help="fail on the first malformed row instead of skipping")
     g.add_argument("--gpu", help="plan for a catalog card (4090, A100-80GB, H100...) or a size (24GB); 'auto' detects")
     g.add_argument("--gpus", type=_gpu_list, metavar="LIST", help="GPU indices to use on this machine, e.g. 0,1")
+    g.add_argument("--num-gpus", type=_count("--num-gpus"), metavar="N",
+                   help="GPUs per node: N of the --gpu card, or this machine's first N")
+    g.add_argument("--nodes", type=_count("--nodes"), metavar="M",
+                   help="machines with --num-gpus GPUs each (run it with --export slurm or torchrun)")
     g.add_argument("--preset", help="start from a preset file (its knobs are held fixed)")
     g.add_argument("--no-calibration", action="store_true",
                    help="plan with the priors only, ignoring this GPU's measured runs (tuiwiz calibration)")
@@ -122,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--headroom", type=float, default=None, help="fraction of free memory kept spare (default 0.1)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="write the plan as a preset (or --export format) to this file")
-    o.add_argument("--export", choices=["preset", "llamafactory", "axolotl"], default="preset")
+    o.add_argument("--export", choices=["preset", "llamafactory", "axolotl", *CLUSTER_EXPORTS], default="preset",
+                   help="what --out holds: a preset, another trainer's config, an sbatch script (slurm) or a "
+                        "per-node launch script (torchrun)")
     o.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     o.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (training only)")
     return p
@@ -148,15 +171,23 @@ def request_from_args(args: argparse.Namespace):
     from tuiwiz.planner import PlanRequest, request_from_preset
     from tuiwiz.data.stats import PERCENTILE_RANGE
     from tuiwiz.planning.knobs import KNOBS, knobs_from
+    from tuiwiz.planning.stacks import residual_conflict
     from tuiwiz.preset import load_preset
 
     given = {k.name: getattr(args, k.name) for k in KNOBS if getattr(args, k.name) is not None}
     if args.gpu and args.gpus:
         raise UsageError("--gpu (plan for a catalog card) and --gpus (use this machine's GPUs) do not go "
                          "together; give one.")
+    _check_shape(args)
     preset = load_preset(args.preset) if args.preset else None
     req = request_from_preset(preset) if preset is not None else PlanRequest()
+    if args.export in ("llamafactory", "axolotl"):  # the export runs on that trainer: plan for its stack
+        if given.setdefault("trainer", args.export) != args.export:
+            raise UsageError(f"--trainer {given['trainer']} and --export {args.export} disagree; "
+                             "the exported file runs on the trainer it is written for.")
     knobs = knobs_from({**req.knobs.model_dump(), **given})
+    if "residual" in given and (why := residual_conflict(knobs.trainer, knobs.residual)):
+        raise BadValue("residual", knobs.residual, why)
     changes: dict[str, object] = dict(knobs=knobs, fixed=req.fixed | frozenset(given))
     if args.model is not None:
         changes.update(_model_changes(args.model))
@@ -170,6 +201,10 @@ def request_from_args(args: argparse.Namespace):
         changes.update(gpu=args.gpu, gpu_indices=None)
     if args.gpus:
         changes.update(gpu_indices=args.gpus, gpu=None, gpu_count=len(args.gpus))
+    if args.num_gpus is not None and not args.gpus:
+        changes.update(gpu_count=args.num_gpus, gpu_indices=None)
+    if args.nodes is not None:
+        changes["nodes"] = args.nodes
     if args.effective_batch is not None:
         changes["effective_batch"] = args.effective_batch
         changes["fixed"] = changes["fixed"] | {"effective_batch"}
@@ -186,6 +221,26 @@ def request_from_args(args: argparse.Namespace):
     if args.trust_remote_code:
         changes["trust_remote_code"] = True
     return dataclasses.replace(req, **changes)
+
+
+def _check_shape(args: argparse.Namespace) -> None:
+    """Hardware-shape flags that contradict each other are a usage error, never silently dropped."""
+    if args.gpus and args.num_gpus is not None and args.num_gpus != len(args.gpus):
+        raise UsageError(f"--gpus names {len(args.gpus)} GPU(s) but --num-gpus says {args.num_gpus}; give one.")
+    if args.gpus and args.nodes is not None and args.nodes > 1:
+        raise UsageError("--gpus picks devices on this machine; a run over --nodes gives each node's count "
+                         "with --num-gpus (and a card with --gpu).")
+
+
+def _export_text(preset, fmt: str) -> str:
+    """The plan in `fmt`: another trainer's config (tuiwiz.exports) or a cluster launch script."""
+    if fmt in CLUSTER_EXPORTS:
+        from tuiwiz.runs.cluster import cluster_script
+
+        return cluster_script(preset, fmt)
+    from tuiwiz.exports import export_text
+
+    return export_text(preset, fmt)
 
 
 def _list_models() -> str:
@@ -216,9 +271,7 @@ def run_auto(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
     elif args.export != "preset" and not args.out:
-        from tuiwiz.exports import export_text
-
-        sys.stdout.write(export_text(plan.to_preset(), args.export))
+        sys.stdout.write(_export_text(plan.to_preset(), args.export))
     else:
         print(render_plan(plan))
         if args.out:
@@ -234,9 +287,7 @@ def _write_output(plan, args: argparse.Namespace) -> None:
     if args.export == "preset":
         save_preset(preset, args.out, force=args.force)
     else:
-        from tuiwiz.exports import export_text
-
-        write_text_atomic(args.out, export_text(preset, args.export), force=args.force)
+        write_text_atomic(args.out, _export_text(preset, args.export), force=args.force)
 
 
 def run_tui(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuiwiz.errors import BadValue
+from tuiwiz.gpu_features import native_bf16
 
 GIB = 1024**3
 
@@ -168,7 +169,7 @@ def _read_nvml() -> tuple[tuple[GpuInfo, ...], str | None, str | None]:
             try:
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
                 cc = f"{major}.{minor}"
-                bf16 = major >= 8
+                bf16 = native_bf16((major, minor))
             except pynvml.NVMLError:
                 cc, bf16 = None, False
             try:

@@ -24,6 +24,7 @@ from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM, A
 from tuiwiz.planning.calibration import Calibration, read_calibration
 from tuiwiz.planning.memory import GIB, estimate_memory
 from tuiwiz.planning.knobs import KNOB_BY_NAME, TrainingKnobs, format_knob
+from tuiwiz.planning.strategy import TITLES, HostRam, host_ram, offloads, strategy_problem
 from tuiwiz.preset import DatasetRef, EstimateInfo, HardwareRef, ModelRef, Preset
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ class PlanRequest:
     dataset: DatasetRef | None = None
     gpu: str | None = None  # catalog name / size, or None/"auto" to detect
     gpu_indices: tuple[int, ...] | None = None
-    gpu_count: int = 1  # for catalog cards
+    gpu_count: int = 1  # GPUs per node: catalog cards, or the first N this machine has
+    nodes: int = 1  # machines of that shape (a multi-node run is exported, not launched here)
     knobs: TrainingKnobs = field(default_factory=TrainingKnobs)
     fixed: frozenset[str] = frozenset()
     effective_batch: int = DEFAULT_EFFECTIVE_BATCH
@@ -54,7 +56,7 @@ class PlanRequest:
 #: Request fields that are not knobs, and the flag each has (knob flags live on the knobs).
 REQUEST_FLAGS: dict[str, str] = {
     "model": "--model", "tokenizer": "--tokenizer", "dataset": "--dataset", "layout": "--layout",
-    "gpu": "--gpu", "gpus": "--gpus", "effective_batch": "--effective-batch", "headroom": "--headroom",
+    "gpu": "--gpu", "gpus": "--gpus", "gpu_count": "--num-gpus", "nodes": "--nodes", "effective_batch": "--effective-batch", "headroom": "--headroom",
     "percentile": "--percentile", "sample": "--sample", "strict": "--strict",
     "trust_remote_code": "--trust-remote-code",
 }
@@ -93,17 +95,33 @@ class Plan:
     def knobs(self) -> TrainingKnobs:
         return self.advice.knobs
 
+    @property
+    def nodes(self) -> int:
+        return self.request.nodes
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in the whole run: this plan's GPUs on every node (the nodes are alike)."""
+        return len(self.gpus) * self.request.nodes
+
+    @property
+    def host_ram(self) -> HostRam:
+        """Host RAM one node needs for this plan (loading, and the shards when offloading)."""
+        return host_ram(self.spec, self.knobs, self.world_size, len(self.gpus))
+
     def to_json(self) -> dict[str, Any]:
         """The `--json` contract (tests/test_cli.py checks it)."""
         k, est = self.advice.knobs, self.advice.estimate
         dataset = None
         if self.profile is not None:
             dataset = self.profile.to_json()
-            dataset["truncated_at_cutoff"] = self.profile.at_cutoff(k.cutoff_len, k.micro_batch_size,
-                                                                    k.packing).truncated
+            at = self.profile.at_cutoff(k.cutoff_len, k.micro_batch_size, k.batching)
+            dataset["truncated_at_cutoff"] = at.truncated
+            dataset["slot_efficiency"] = round(at.efficiency, 4)  # real tokens / token slots, under this plan
         return {
             "hardware": {
                 "source": self.hardware.source,
+                "count": len(self.gpus), "nodes": self.nodes,
                 "note": self.hardware.note,
                 "gpus": [{"index": g.index, "name": g.name, "total_gib": round(g.total_gib, 2),
                           "free_gib": round(g.free_gib, 2), "bf16": g.bf16} for g in self.gpus],
@@ -116,8 +134,9 @@ class Plan:
             "model": {"id": self.spec.id, "params_b": round(self.spec.params_b, 3), "layers": self.spec.layers,
                       "hidden": self.spec.hidden, "vocab": self.spec.vocab, "source": self.spec.source},
             "dataset": dataset,
-            "plan": {**k.model_dump(mode="json"), "effective_batch": k.effective_batch(len(self.gpus)),
-                     "gpus": len(self.gpus), "lora_params": est.lora_params},
+            "plan": {**k.model_dump(mode="json"), "effective_batch": k.effective_batch(self.world_size),
+                     "gpus": self.world_size, "nodes": self.nodes, "gpus_per_node": len(self.gpus),
+                     "lora_params": est.lora_params},
             "memory": {
                 "peak_gib": round(est.peak_gib, 3), "allocated_gib": round(est.allocated_gib, 3),
                 "reserved_gib": round(est.reserved_gib, 3), "budget_gib": round(self.advice.budget_gib, 3),
@@ -127,6 +146,8 @@ class Plan:
                 "assumptions": list(est.assumptions),
                 "peak_at": est.peak_at,
                 "calibration": est.calibration.to_json() if est.calibration is not None else None,
+                "per": "gpu",
+                "host_ram": _host_ram_json(self.host_ram, offloads(k.strategy)),
             },
             "reasons": list(self.advice.reasons),
             "suggestions": [{"text": x.text, "flags": list(x.flags)} for x in self.suggestions],
@@ -146,7 +167,7 @@ class Plan:
             model=ModelRef(id=self.spec.id, path=absolute(req.model_path), tokenizer=absolute(req.tokenizer),
                            trust_remote_code=req.trust_remote_code),
             dataset=dataset,
-            hardware=HardwareRef(gpu=g.name, memory_gib=round(g.total_gib, 2), count=len(self.gpus),
+            hardware=HardwareRef(gpu=g.name, memory_gib=round(g.total_gib, 2), count=len(self.gpus), nodes=self.nodes,
                                  indices=list(self.request.gpu_indices) if self.request.gpu_indices else None,
                                  bf16=all(x.bf16 for x in self.gpus)),
             training=k,
@@ -154,6 +175,12 @@ class Plan:
                                   budget_gib=round(self.advice.budget_gib, 3), fits=self.advice.fits,
                                   breakdown_gib=est.breakdown_gib()),
         )
+
+
+def _host_ram_json(ram: HostRam, offloading: bool) -> dict[str, Any]:
+    """Host RAM per node: the peak and its terms; `offloading` says the shards live there."""
+    return {"per": "node", "peak_gib": round(ram.peak_gib, 1), "offloading": offloading,
+            "terms": [{"key": t.key, "label": t.label, "gib": round(t.gib, 2), "why": t.why} for t in ram.terms]}
 
 
 def catalog_specs() -> tuple[ModelSpec, ...]:
@@ -179,7 +206,8 @@ def request_from_preset(preset: Preset, **overrides: Any) -> PlanRequest:
     fields = dict(
         model=preset.model.id, model_path=preset.model.path, tokenizer=preset.model.tokenizer,
         dataset=preset.dataset, gpu=_preset_card(hw.gpu, hw.memory_gib) if hw.indices is None else None,
-        gpu_indices=tuple(hw.indices) if hw.indices else None, gpu_count=hw.count, knobs=preset.training,
+        gpu_indices=tuple(hw.indices) if hw.indices else None, gpu_count=hw.count, nodes=hw.nodes,
+        knobs=preset.training,
         fixed=frozenset(TrainingKnobs.model_fields), trust_remote_code=preset.model.trust_remote_code,
     )
     fields.update(overrides)
@@ -191,6 +219,11 @@ def absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+#: Bounds of the hardware shape (a preset's `hardware.count` has the same upper bound).
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 1024
+
+
 def check_request(req: PlanRequest) -> None:
     """Values a request can hold that no plan can use; raises `BadValue` naming the field."""
     if not 1 <= req.effective_batch <= 1_000_000:
@@ -199,6 +232,10 @@ def check_request(req: PlanRequest) -> None:
         raise BadValue("headroom", req.headroom, "must be a fraction in [0, 1)")
     if req.gpu_indices is not None and any(i < 0 for i in req.gpu_indices):
         raise BadValue("gpus", req.gpu_indices, "GPU indices are 0 or more")
+    if not 1 <= req.gpu_count <= MAX_GPUS_PER_NODE:
+        raise BadValue("gpu_count", req.gpu_count, f"GPUs per node must be between 1 and {MAX_GPUS_PER_NODE}")
+    if not 1 <= req.nodes <= MAX_NODES:
+        raise BadValue("nodes", req.nodes, f"must be between 1 and {MAX_NODES}")
 
 
 def read_hardware(req: PlanRequest) -> HardwareInventory:
@@ -233,7 +270,7 @@ def profile_for(
 
     tok = tokenizer if tokenizer is not None else tokenizer_for(req)
     return profile_dataset(req.dataset, tok, percentile=req.percentile, max_positions=spec.max_positions,
-                           micro_batch=req.knobs.micro_batch_size, packing=req.knobs.packing, sample=req.sample,
+                           micro_batch=req.knobs.micro_batch_size, batching=req.knobs.batching, sample=req.sample,
                            progress=progress, cancel=cancel, strict=req.strict)
 
 
@@ -266,6 +303,9 @@ def select_gpus(req: PlanRequest, hw: HardwareInventory) -> tuple[GpuInfo, ...]:
         return hw.gpus
     if req.gpu_indices:
         return hw.selected(list(req.gpu_indices))
+    if req.gpu_count > len(hw.gpus):
+        raise BadValue("gpu_count", req.gpu_count, f"this machine has {len(hw.gpus)} GPU(s); name a catalog card "
+                       "to plan for more")
     return hw.gpus[: max(1, req.gpu_count)]
 
 
@@ -300,18 +340,38 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
         warnings.append(f"cutoff {knobs.cutoff_len} exceeds {spec.id}'s {spec.max_positions} positions")
 
     free = min(g.free_gib for g in gpus)
-    advice = advise(spec, knobs, budget_bytes(free, req.headroom), gpus=len(gpus),
-                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed), calibration=calibration)
+    advice = advise(spec, knobs, budget_bytes(free, req.headroom), gpus=len(gpus) * req.nodes,
+                    target_effective_batch=req.effective_batch, fixed=frozenset(fixed), calibration=calibration,
+                    profile=profile, gpus_per_node=len(gpus))
+    problem = strategy_problem(advice.knobs)
+    if problem:
+        raise BadValue("strategy", advice.knobs.strategy, problem)
     plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings), calibration=calibration)
+    warnings.extend(_host_ram_warnings(plan))
+    plan = dataclasses.replace(plan, warnings=tuple(warnings))
     if advice.fits or not with_suggestions:
         return plan
     warnings.append(f"does not fit: needs {advice.estimate.peak_gib:.1f} GiB, budget {advice.budget_gib:.1f} GiB")
     return dataclasses.replace(plan, warnings=tuple(warnings), suggestions=suggestions_for(plan))
 
 
+def _host_ram_warnings(plan: Plan) -> list[str]:
+    """What the plan asks of host RAM: an offloading plan always says it, and this machine's RAM
+    is checked when the plan is for this machine's GPUs."""
+    ram, host = plan.host_ram, plan.hardware.host
+    out = []
+    if offloads(plan.knobs.strategy):
+        where = "this machine" if plan.hardware.source == "nvml" else "each training machine"
+        out.append(f"{plan.knobs.strategy} keeps the shards in host RAM: {where} needs about {ram.peak_gib:.0f} GiB "
+                   "of RAM")
+    if plan.hardware.source == "nvml" and ram.peak_gib > host.ram_total_gib:
+        out.append(f"host RAM: the plan needs about {ram.peak_gib:.0f} GiB, this machine has {host.ram_total_gib:.0f}")
+    return out
+
+
 #: Knobs whose value changes peak memory: releasing one the user held may make a plan fit.
 MEMORY_KNOBS = ("micro_batch_size", "grad_checkpointing", "lora_rank", "target_modules", "lora_dropout",
-                "optim", "attn", "packing")
+                "optim", "attn", "batching")
 
 
 def _held(req: PlanRequest, **knob_values: Any) -> PlanRequest:
@@ -376,7 +436,7 @@ def _shorter_cutoff(plan: Plan) -> Suggestion | None:
     cut = lo * 64
     lost = ""
     if plan.profile is not None:
-        n = plan.profile.at_cutoff(cut, 1, k.packing).truncated
+        n = plan.profile.at_cutoff(cut, 1, k.batching).truncated
         lost = f" (truncates {n} sample{'s' if n != 1 else ''})"
     return _checked(plan, f"a shorter cutoff, {cut} tokens{lost}", _knob_flags({"cutoff_len": cut}),
                     _held(req, cutoff_len=cut))
@@ -410,7 +470,7 @@ def _bigger_gpu(plan: Plan) -> Suggestion | None:
     req = plan.request
     smallest = plan.knobs.replace(**{n: v for n, v in (("micro_batch_size", 1), ("grad_checkpointing", True))
                                      if n not in req.fixed})
-    floor = estimate_memory(plan.spec, smallest, len(plan.gpus)).peak_bytes
+    floor = estimate_memory(plan.spec, smallest, plan.world_size).peak_bytes
     for gb in range(max(1, math.ceil(floor / GIB / (1 - req.headroom))), 1025):
         card = catalog_gpu(f"{gb}GB")
         hw = HardwareInventory(gpus_from_catalog(card, len(plan.gpus)), plan.hardware.host, "catalog")
@@ -421,10 +481,45 @@ def _bigger_gpu(plan: Plan) -> Suggestion | None:
     return None
 
 
+#: GPU counts per node a "more GPUs" suggestion tries (the common machine shapes).
+MORE_GPUS = (2, 4, 8)
+
+
+def _card_name(plan: Plan) -> str:
+    """The card to ask for more of: the one the user named, else this machine's (by catalog name or size)."""
+    if plan.request.gpu and plan.request.gpu.lower() != "auto":
+        return plan.request.gpu
+    g = plan.gpus[0]
+    try:
+        card = catalog_gpu(g.name)
+    except UserError:
+        card = None
+    return g.name if card is not None and not card.name.startswith("generic") else f"{round(g.total_gib)}GB"
+
+
+def _more_gpus(plan: Plan) -> Suggestion | None:
+    """The fewest more GPUs of this card per node that fit: sharded (FSDP-QLoRA) when a whole copy
+    does not fit one card, each re-planned with the strategy left to the advisor."""
+    req, name = plan.request, _card_name(plan)
+    for n in (m for m in MORE_GPUS if m > len(plan.gpus)):
+        hw = HardwareInventory(gpus_from_catalog(catalog_gpu(name), n), plan.hardware.host, "catalog")
+        wider = dataclasses.replace(req, gpu=name, gpu_indices=None, gpu_count=n, fixed=req.fixed - {"strategy"})
+        try:
+            again = make_plan(wider, hw, plan.spec, plan.profile, with_suggestions=False, calibration=plan.calibration)
+        except UserError:
+            continue
+        if again.advice.fits:
+            s = again.knobs.strategy
+            flags = ("--gpu", name, "--num-gpus", str(n)) + (("--strategy", s) if "strategy" in req.fixed else ())
+            return Suggestion(f"{n} x {name} per node, strategy {s} ({TITLES[s]}): peak "
+                              f"{again.advice.estimate.peak_gib:.1f} GiB per GPU", flags, again.advice.estimate.peak_gib)
+    return None
+
+
 def suggestions_for(plan: Plan) -> tuple[Suggestion, ...]:
     """What would fit, cheapest for the user first: release a knob they held, a shorter cutoff, a
-    lighter loss or base, a smaller model, a bigger GPU. Every one is re-planned before it is offered.
-    (More GPUs of the same size do not help a replicated, data-parallel run.)"""
-    found = [*_release_held(plan), _shorter_cutoff(plan), *_lighter_stack(plan), _smaller_model(plan),
-             _bigger_gpu(plan)]
+    lighter loss or base, more GPUs of the same card (sharded with FSDP-QLoRA when a whole copy is
+    too big for one), a smaller model, a bigger GPU. Every one is re-planned before it is offered."""
+    found = [*_release_held(plan), _shorter_cutoff(plan), *_lighter_stack(plan), _more_gpus(plan),
+             _smaller_model(plan), _bigger_gpu(plan)]
     return tuple(s for s in found if s is not None)

@@ -44,11 +44,13 @@ class DatasetRef(_Strict):
 
 
 class HardwareRef(_Strict):
-    """The GPU(s) the plan is for. `indices` selects devices on a real machine."""
+    """The GPU(s) the plan is for. `indices` selects devices on a real machine; `nodes` > 1 is a
+    multi-node run, launched by SLURM or torchrun from an export."""
 
     gpu: str = Field(min_length=1)
     memory_gib: float = Field(gt=0)
-    count: int = Field(1, ge=1, le=64)
+    count: int = Field(1, ge=1, le=64)  # GPUs per node
+    nodes: int = Field(1, ge=1, le=1024, description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
     indices: list[int] | None = None
     bf16: bool = True
 

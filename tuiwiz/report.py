@@ -19,16 +19,18 @@ def render_plan(plan: Plan, width: int = 80) -> str:
     g = plan.gpus[0]
     lines = []
     src = "NVML" if plan.hardware.source == "nvml" else "catalog"
-    n = len(plan.gpus)
-    lines.append(f"GPU     {n} x {g.name}  {g.free_gib:.1f}/{g.total_gib:.1f} GiB free  "
+    n = plan.world_size
+    nodes = f"{plan.nodes} nodes x " if plan.nodes > 1 else ""
+    lines.append(f"GPU     {nodes}{len(plan.gpus)} x {g.name}  {g.free_gib:.1f}/{g.total_gib:.1f} GiB free  "
                  f"bf16 {'yes' if g.bf16 else 'no'}  ({src})")
     h = plan.hardware.host
     lines.append(f"Host    {h.cpu_cores} cores, RAM {h.ram_available_gib:.0f}/{h.ram_total_gib:.0f} GiB free")
+    lines.extend(_spread_lines(plan, width))
     lines.append(_clip(f"Model   {plan.spec.summary()}", width))
     if plan.profile is not None:
         p = plan.profile.to_json()
         approx = " (approximate)" if p.get("approximate") else ""
-        trunc = plan.profile.at_cutoff(k.cutoff_len, k.micro_batch_size, k.packing).truncated
+        trunc = plan.profile.at_cutoff(k.cutoff_len, k.micro_batch_size, k.batching).truncated
         lines.extend(_wrap(f"{p['samples']} samples ({p['layout']}), tokens p50 {p['p50']} p95 {p['p95']} "
                            f"p99 {p['p99']} max {p['max']}{approx}", width, "Data    ", " " * 8))
         if plan.profile.skipped_note():
@@ -73,6 +75,22 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         for w in warns:
             lines.extend(_wrap(w, width, "! ", "  "))
     return "\n".join(lines)
+
+
+def _spread_lines(plan: Plan, width: int) -> list[str]:
+    """How the run spreads over its GPUs, and the host RAM a node needs (sharded runs load the
+    model into host RAM first; offloading keeps the shards there)."""
+    from tuiwiz.planning.strategy import TITLES, is_sharded
+
+    k = plan.knobs
+    if plan.world_size < 2 and k.strategy == "ddp":
+        return []
+    lines = [f"Spread  {k.strategy}: {TITLES[k.strategy]}, {plan.world_size} GPUs"]
+    if is_sharded(k.strategy):
+        ram = plan.host_ram
+        parts = ", ".join(f"{t.label} {t.gib:.0f}" for t in ram.terms if t.bytes)
+        lines.extend(_wrap(f"host RAM per node about {ram.peak_gib:.0f} GiB ({parts})", width, " " * 8, " " * 8))
+    return lines
 
 
 def _clip(line: str, width: int) -> str:

@@ -17,7 +17,7 @@ FAILED = ("error", "crash", "timeout")
 #: The knobs a record keeps: everything that shapes memory (the schedule's knobs do not).
 KNOB_FIELDS = {"cutoff_len", "micro_batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_dropout",
                "target_modules", "grad_checkpointing", "attn", "optim", "loss", "quant_bits", "double_quant",
-               "compute_dtype", "packing", "max_steps"}
+               "compute_dtype", "batching", "max_steps"}
 #: (level, measured field, estimated field): the three levels the estimate is judged at.
 LEVELS = (("allocated", "max_allocated", "est_allocated"), ("reserved", "max_reserved", "est_reserved"),
           ("nvml", "nvml_peak", "est_peak"))

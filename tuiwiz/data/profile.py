@@ -49,21 +49,27 @@ class LongSample:
     preview: str
 
 
+#: How samples share a micro-batch (the `batching` knob; tuiwiz.planning.knobs.Batching).
+BATCHINGS = ("padded", "packed", "padding_free")
+
+
 @dataclass(frozen=True)
 class CutoffStats:
-    """What a given cutoff/micro-batch/packing choice means for this dataset."""
+    """What a given cutoff/micro-batch/batching choice means for this dataset."""
 
     cutoff: int
     micro_batch: int
-    packing: bool
+    batching: str
     truncated: int  # samples longer than the cutoff
     truncated_frac: float
     trained_tokens_lost: int
     trained_lost_frac: float  # of all trained tokens, lost to truncation
     tokens_kept: int  # sum(min(len, cutoff))
-    sequences: int  # packed sequences (packing) or samples (no packing)
-    efficiency: float  # real tokens / token slots computed (1.0 = no padding)
+    sequences: int  # packed rows (packed) or samples
+    efficiency: float  # real tokens / token slots computed (1.0 = no padding): the slot efficiency
     padding_waste: float  # 1 - efficiency
+    #: packed: real tokens / (rows x cutoff), how full trl's best-fit-decreasing rows are; else 1.0
+    fill: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -95,6 +101,7 @@ class LengthProfile:
     percentile_ci: tuple[int, int] | None = None
     cutoff_stats: CutoffStats | None = None
     _order: array | None = None
+    _slots: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.counts = Counter(self.lengths)
@@ -152,29 +159,36 @@ class LengthProfile:
             self._order = array("I", order)
         return self._order
 
-    def at_cutoff(self, cutoff: int, micro_batch: int = 1, packing: bool = False) -> CutoffStats:
-        """Truncation and efficiency at another cutoff, without re-tokenizing (for live edits)."""
+    def at_cutoff(self, cutoff: int, micro_batch: int = 1, batching: str = "padded") -> CutoffStats:
+        """Truncation and slot efficiency at another cutoff, without re-tokenizing (for live edits).
+
+        padded: each micro-batch is padded to its longest sample (trl pads to the batch, not to
+        the cutoff), on one seeded shuffle. packed and padding_free are flattened by trl's collator
+        into one row per micro-batch with no padding at all, so every slot is a real token;
+        packed also reports how full its best-fit-decreasing rows are (`fill`).
+        """
         if cutoff < 1:
             raise BadValue("cutoff_len", cutoff, "must be at least 1")
         if micro_batch < 1:
             raise BadValue("micro_batch_size", micro_batch, "must be at least 1")
+        if batching not in BATCHINGS:
+            raise BadValue("batching", batching, "choose one of " + ", ".join(BATCHINGS))
         n = self.samples
         truncated = sum(c for length, c in self.counts.items() if length > cutoff)
         kept = sum(min(length, cutoff) * c for length, c in self.counts.items())
         lost = self.trained_lost(cutoff) if truncated else 0
         trained_total = int(self.stats.get("trained_tokens", 0))
-        if packing:
+        sequences, slots, fill = n, kept, 1.0
+        if batching == "packed":
             sequences = bfd_bins(self.counts, cutoff)
-            slots = sequences * cutoff
-        else:
-            sequences = n
-            lengths = self.lengths
-            slots = kept if micro_batch == 1 else padded_tokens((lengths[i] for i in self._shuffled()), micro_batch, cutoff)
+            fill = kept / (sequences * cutoff) if sequences else 1.0
+        elif batching == "padded" and micro_batch > 1:
+            slots = self._padded_slots(cutoff, micro_batch)
         eff = kept / slots if slots else 1.0
         return CutoffStats(
             cutoff=cutoff,
             micro_batch=micro_batch,
-            packing=packing,
+            batching=batching,
             truncated=truncated,
             truncated_frac=truncated / n if n else 0.0,
             trained_tokens_lost=lost,
@@ -183,7 +197,17 @@ class LengthProfile:
             sequences=sequences,
             efficiency=eff,
             padding_waste=1.0 - eff,
+            fill=fill,
         )
+
+    def _padded_slots(self, cutoff: int, micro_batch: int) -> int:
+        """Token slots of padded micro-batches on the seeded shuffle (cached: the advisor and the
+        planner's re-plans ask for the same few again and again)."""
+        key = (cutoff, micro_batch)
+        if key not in self._slots:
+            lengths = self.lengths
+            self._slots[key] = padded_tokens((lengths[i] for i in self._shuffled()), micro_batch, cutoff)
+        return self._slots[key]
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for JSON output and the planner; every key is always present (zero or None if unknown).
@@ -391,7 +415,7 @@ def profile_dataset(
     max_positions: int | None = None,
     micro_batch: int = 1,
     cutoff: int | None = None,
-    packing: bool = False,
+    batching: str = "padded",
     sample: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
@@ -438,5 +462,5 @@ def profile_dataset(
     )
     if population is not None and prof.samples:
         prof.percentile_ci = percentile_ci(sorted(tally.lengths), percentile)
-    prof.cutoff_stats = prof.at_cutoff(cutoff or prof.suggested_cutoff, micro_batch, packing)
+    prof.cutoff_stats = prof.at_cutoff(cutoff or prof.suggested_cutoff, micro_batch, batching)
     return prof

@@ -61,10 +61,12 @@ def render_text_report(profile: LengthProfile, width: int = 80) -> str:
     if cut is not None:
         lines.append(f"At cutoff {cut.cutoff:,}: {cut.truncated:,} samples truncated ({cut.truncated_frac:.2%}), "
                      f"{cut.trained_lost_frac:.2%} of trained tokens lost")
-        if cut.packing:
-            lines.append(f"Packing: {cut.sequences:,} packed sequences, {cut.efficiency:.1%} of token slots used")
+        if cut.batching == "packed":
+            lines.append(f"Packed: {cut.sequences:,} rows {cut.fill:.1%} full, flattened: no slot is padding")
+        elif cut.batching == "padding_free":
+            lines.append(f"Padding-free, micro-batch {cut.micro_batch}: no slot is padding")
         else:
-            lines.append(f"No packing, micro-batch {cut.micro_batch}: {cut.padding_waste:.1%} of token slots are padding")
+            lines.append(f"Padded, micro-batch {cut.micro_batch}: {cut.padding_waste:.1%} of token slots are padding")
     lines.append("")
     lines += _histogram_lines(profile, width, cut.cutoff if cut else profile.suggested_cutoff)
     if profile.longest:

@@ -27,13 +27,15 @@ of what is kept, the busiest decoder layer adds two MLP-wide tensors (`layer_tra
 and the head's backward tiles (`head_work_bytes`) are freed before any layer's backward starts,
 so the step's peak is one or the other (`memory.estimate_memory` takes the larger).
 
-All functions return bytes for ONE micro-batch on one GPU. `tokens = micro_batch * seq_len`.
+All functions return bytes for ONE micro-batch on one GPU, given as `micro_batch` rows of
+`seq_len` tokens (`micro_batch_shape`: a flattened batching is one long row). `tokens = micro_batch * seq_len`.
 """
 
 from __future__ import annotations
 
 from tuiwiz.models import ModelSpec
 from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
+from tuiwiz.planning.stacks import LIGER_MODEL_TYPES, adapters_fp32, liger_loss, residual_fp32
 
 #: trl's chunked log-prob kernel tiles: TOKEN_CHUNK_SIZE x vocab chunk (trl/kernels/chunked_logprob.py).
 TRL_TOKEN_CHUNK = 4096
@@ -46,12 +48,39 @@ HEAD_PER_TOKEN_BYTES = 8 + 4 + 4 + 1
 
 
 def residual_bytes(knobs: TrainingKnobs) -> int:
-    """Bytes per element of the residual stream: fp32 after k-bit preparation, else the compute dtype."""
-    return 4 if knobs.quant_bits in (4, 8) else 2
+    """Bytes per element of the residual stream: fp32 after peft's k-bit preparation (tuiwiz's
+    `residual: fp32`), else the compute dtype (a 16-bit base, LLaMA-Factory, Axolotl: see
+    `tuiwiz.planning.stacks`)."""
+    return 4 if residual_fp32(knobs) else 2
 
 
 #: Bytes per element of what autocast computes in (bf16 or fp16).
 COMPUTE_BYTES = 2
+
+
+def micro_batch_shape(knobs: TrainingKnobs) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest micro-batch the model is handed: what every per-token
+    term here multiplies. Memory is set by tokens: at most `micro_batch x cutoff` of them in all three.
+
+    padded: `micro_batch` rows padded to the longest, at worst the cutoff. packed and padding_free
+    run flattened: trl's collator concatenates the micro-batch into ONE row (trl/trainer/sft_trainer.py
+    DataCollatorForLanguageModeling.torch_call, `padding_free`), of packed rows of up to `cutoff`
+    tokens each, or of whole samples of up to `cutoff`.
+    """
+    b, s = knobs.micro_batch_size, knobs.cutoff_len
+    return (b, s) if knobs.batching == "padded" else (1, b * s)
+
+
+def samples_share_a_row(knobs: TrainingKnobs) -> bool:
+    """Several samples in one row: transformers then builds a block-diagonal mask from the position
+    ids for sdpa and eager (masking_utils.find_packed_sequence_indices); one sample needs none."""
+    return knobs.batching == "packed" or (knobs.batching == "padding_free" and knobs.micro_batch_size > 1)
+
+
+def liger_on(spec: ModelSpec, knobs: TrainingKnobs) -> bool:
+    """Liger's layer kernels replace this model's RMSNorm and SwiGLU (it patches only the model
+    types it knows, `MODEL_TYPE_TO_APPLY_LIGER_FN`)."""
+    return knobs.liger and spec.model_type in LIGER_MODEL_TYPES
 
 
 def effective_attn(spec: ModelSpec, knobs: TrainingKnobs) -> str:
@@ -81,7 +110,8 @@ def _lora_saved(name: str, d_in: int, spec: ModelSpec, knobs: TrainingKnobs) -> 
     per = c * knobs.lora_rank
     if knobs.lora_dropout > 0:
         return per + d_in + c * d_in
-    if name == "o_proj" and knobs.quant_bits in (4, 8) and effective_attn(spec, knobs) != "eager":
+    if (name == "o_proj" and residual_fp32(knobs) and not adapters_fp32(knobs)
+            and effective_attn(spec, knobs) != "eager"):
         return per
     return per + c * d_in
 
@@ -94,7 +124,7 @@ def layer_saved_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: 
     """
     c = COMPUTE_BYTES
     h, q, kv, i, heads = spec.hidden, spec.q_dim, spec.kv_dim, spec.intermediate, spec.heads
-    total = spec.norms_per_layer * (4 * h + RSQRT_BYTES)
+    total = spec.norms_per_layer * (_norm_saved_per_unit(spec, knobs) * h + RSQRT_BYTES)
     attn = effective_attn(spec, knobs)
     if attn == "eager":
         total += 3 * c * q + (4 + c) * heads * seq_len  # q, expanded k and v; fp32 softmax + bf16 copy
@@ -102,22 +132,38 @@ def layer_saved_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: 
             total += c * heads * seq_len  # tanh(scores / cap)
     else:
         total += c * (2 * q + 2 * kv) + 4 * heads  # q, k, v, output; fp32 log-sum-exp per head
+        if attn == "sdpa" and samples_share_a_row(knobs):
+            total += c * seq_len  # sdpa's own compute-dtype copy of the block-diagonal mask (measured)
 
     if not spec.is_moe:
-        total += 3 * residual_bytes(knobs) * i  # gate out, activation out, up out
+        total += _mlp_saved_tensors(spec, knobs) * residual_bytes(knobs) * i
 
     for name, (d_in, _) in _targets(spec, knobs).items():
         total += _lora_saved(name, d_in, spec, knobs)
     return total
 
 
+def _norm_saved_per_unit(spec: ModelSpec, knobs: TrainingKnobs) -> int:
+    """Bytes an RMSNorm keeps per hidden unit: transformers' keeps an fp32 copy of its input (the
+    input itself when that is fp32); Liger's keeps its input in its own dtype
+    (liger_kernel/ops/rms_norm.py: `ctx.save_for_backward(X, W, RSTD)`)."""
+    return residual_bytes(knobs) if liger_on(spec, knobs) else 4
+
+
+def _mlp_saved_tensors(spec: ModelSpec, knobs: TrainingKnobs) -> int:
+    """Intermediate-width tensors the MLP keeps: gate out, activation out and up out; Liger's SwiGLU
+    keeps only gate and up and recomputes the activation in backward (liger_kernel/ops/swiglu.py,
+    `LigerSiLUMulFunction`)."""
+    return 2 if liger_on(spec, knobs) else 3
+
+
 def layer_saved_fixed_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
     """Per layer, independent of tokens: autocast's bf16 copies of fp32 LoRA weights (16-bit
-    bases only: on a quantized base SFTTrainer casts the adapters to bf16, so no copy is made),
-    and Gemma 2's fp32 `1 + weight` per norm."""
+    bases, and trainers that keep adapters fp32: on a quantized base trl's SFTTrainer casts them
+    to bf16, so no copy is made), and Gemma 2's fp32 `1 + weight` per norm."""
     c = COMPUTE_BYTES
     total = 0
-    if knobs.quant_bits == 16:
+    if adapters_fp32(knobs):
         total += sum(c * knobs.lora_rank * (d_in + d_out) for d_in, d_out in _targets(spec, knobs).values())
     if spec.model_type == "gemma2":
         total += spec.norms_per_layer * 4 * spec.hidden
@@ -137,19 +183,28 @@ def _mask_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len
     return kinds * micro_batch * seq_len * seq_len * residual_bytes(knobs)
 
 
+def _row_mask_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
+    """The mask the model builds once per step: eager's additive one, or for sdpa the boolean
+    block-diagonal mask of a flattened row (1 byte a pair; each layer converts its own copy)."""
+    if effective_attn(spec, knobs) == "sdpa" and samples_share_a_row(knobs):
+        return micro_batch * seq_len * seq_len
+    return _mask_bytes(spec, knobs, micro_batch, seq_len)
+
+
 def outside_saved_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
     """Kept outside the decoder layers: rotary tables, the final norm, trl's fused head; with
     checkpointing also the embedding output, the position ids and eager's mask."""
     tokens = micro_batch * seq_len
     a = residual_bytes(knobs)
     total = 2 * seq_len * spec.head_dim * a  # cos and sin, shared by the batch and the layers
-    total += tokens * (RSQRT_BYTES + (0 if a == 4 else 4 * spec.hidden))  # final norm (fp32 copy if 16-bit)
+    final_copy = _norm_saved_per_unit(spec, knobs) * spec.hidden
+    total += tokens * (RSQRT_BYTES + (0 if a == 4 else final_copy))  # final norm (fp32 copy if 16-bit)
     if spec.model_type == "gemma2":
         total += 4 * spec.hidden
     scored = micro_batch * (seq_len - 1)  # worst case: every next token is trained on
     total += scored * (a * spec.hidden + HEAD_PER_TOKEN_BYTES)
     if knobs.grad_checkpointing:
-        total += tokens * a * spec.hidden + 8 * seq_len + _mask_bytes(spec, knobs, micro_batch, seq_len)
+        total += tokens * a * spec.hidden + 8 * seq_len + _row_mask_bytes(spec, knobs, micro_batch, seq_len)
     return total
 
 
@@ -179,7 +234,7 @@ def layer_transient_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_l
     `_eager_backward_moment_per_token`); the result is then relative to the layer's saved bytes.
     """
     a, c, i = residual_bytes(knobs), COMPUTE_BYTES, _mlp_width(spec)
-    if knobs.quant_bits == 16:
+    if adapters_fp32(knobs):  # a 16-bit base, or a trainer that keeps fp32 adapters on a bf16 stream
         mlp = (12 if knobs.lora_dropout > 0 else 8) * i
     else:
         mlp = 2 * a * i + c * spec.hidden
@@ -197,7 +252,7 @@ def kept_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, se
     if knobs.grad_checkpointing:
         return spec.layers * tokens * checkpoint_bytes_per_token(spec, knobs)
     per_layer = tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
-    return spec.layers * per_layer + _mask_bytes(spec, knobs, micro_batch, seq_len)
+    return spec.layers * per_layer + _row_mask_bytes(spec, knobs, micro_batch, seq_len)
 
 
 def _recomputed_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
@@ -234,11 +289,19 @@ def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq
     k-bit base (fp32 head and hidden states) the bf16 copies of one 32768-row slice of the head
     weight and of one 4096-token slice of the hidden states. Measured exactly on CPU with the
     CUDA path's in-place folds.
+    chunked in LLaMA-Factory / Axolotl (Liger's fused linear cross-entropy,
+    `liger_kernel/ops/fused_linear_cross_entropy.py`): the whole head runs in forward, one
+    chunk of `next_pow2(tokens / ceil(vocab / hidden))` rows at a time: that chunk's logits and
+    its hidden-width gradient, in the compute dtype. Its gradient for the hidden states is kept
+    until backward, like trl's scored copy in `outside_saved_bytes`.
     standard: bf16 logits, the fp32 log-softmax saved by cross-entropy, and its fp32 gradient
     in and out: 14 bytes per logit, `batch x seq x vocab` of them.
     """
     tokens = micro_batch * seq_len
     c = COMPUTE_BYTES
+    if liger_loss(knobs):
+        rows = liger_chunk_rows(spec, tokens)
+        return rows * spec.vocab * c + rows * spec.hidden * c
     if knobs.loss == "chunked":
         scored = micro_batch * (seq_len - 1)
         rows = min(scored, TRL_TOKEN_CHUNK)
@@ -247,6 +310,12 @@ def head_work_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq
             total += min(spec.vocab, TRL_VOCAB_CHUNK) * spec.hidden * c + rows * spec.hidden * c
         return total
     return tokens * spec.vocab * 14
+
+
+def liger_chunk_rows(spec: ModelSpec, tokens: int) -> int:
+    """Rows per chunk of Liger's fused linear cross-entropy: `next_power_of_2(cdiv(BT, cdiv(V, H)))`."""
+    per = -(-tokens // -(-spec.vocab // spec.hidden))
+    return 1 << max(0, (per - 1).bit_length())
 
 
 def logits_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuiwiz.errors import BadValue
 
@@ -18,6 +18,15 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_ada
 AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 LossImpl = Literal["chunked", "standard"]
 ComputeDtype = Literal["bf16", "fp16"]
+#: How samples share a micro-batch (trl 1.16 SFTConfig): padded to the micro-batch's longest;
+#: packed whole into cutoff-long rows (trl's "bfd"); or padding_free, laid end to end in one row.
+#: packed and padding_free run flattened with position ids, so no slot is padding and samples
+#: stay apart (flash-attention varlen, or transformers' block-diagonal mask for sdpa and eager).
+Batching = Literal["padded", "packed", "padding_free"]
+#: The trainer that runs the plan; its stack (residual dtype, adapter dtype, fused loss) is
+#: what the estimate models (tuiwiz.planning.stacks).
+Trainer = Literal["tuiwiz", "llamafactory", "axolotl"]
+Residual = Literal["fp32", "bf16"]
 #: How a run spreads over its GPUs (tuiwiz.planning.strategy): replicated (DDP), FSDP-QLoRA, or
 #: DeepSpeed ZeRO-3, the last two optionally offloading their shards to host RAM.
 Strategy = Literal["ddp", "fsdp", "fsdp_offload", "zero3", "zero3_offload"]
@@ -91,8 +100,19 @@ class TrainingKnobs(BaseModel):
     compute_dtype: ComputeDtype = knob("bf16", "--compute-dtype", "compute dtype",
                                        "bf16 (Ampere and newer) or fp16")
     attn: AttnImpl = knob("sdpa", "--attn", "attention", "attention implementation")
-    loss: LossImpl = knob("chunked", "--loss", "loss", "chunked: trl's fused log-probs (no full logits)")
-    packing: bool = knob(False, "--packing", "packing", "pack several samples into one sequence")
+    loss: LossImpl = knob("chunked", "--loss", "loss",
+                          "chunked: the trainer's fused loss (no full logits); standard: full logits")
+    trainer: Trainer = knob("tuiwiz", "--trainer", "trainer",
+                            "the trainer that runs the plan: memory is estimated for its stack")
+    residual: Residual = knob("fp32", "--residual", "residual stream",
+                              "dtype of a k-bit base's embeddings, norms and residual stream: fp32 (peft's "
+                              "k-bit preparation) or bf16")
+    batching: Batching = knob("padded", "--batching", "batching",
+                              "padded (to each micro-batch's longest), packed (whole samples in cutoff-long "
+                              "rows; micro-batch counts rows) or padding_free (samples end to end); "
+                              "auto: the advisor's choice from the data", auto=True)
+    liger: bool = knob(False, "--liger", "Liger kernels",
+                       "Liger's RMSNorm, SwiGLU and RoPE kernels (CUDA, needs tuiwiz[liger])")
     epochs: float = knob(1.0, "--epochs", "epochs", "passes over the data", tui=True, gt=0, le=1000)
     max_steps: int | None = knob(None, "--max-steps", "max steps",
                                  "stop after this many optimizer steps (overrides epochs)", ge=1, le=10**9)
@@ -112,6 +132,20 @@ class TrainingKnobs(BaseModel):
                               "how the run spreads over GPUs: ddp (a whole copy per GPU), fsdp (FSDP-QLoRA, "
                               "weights sharded), zero3 (DeepSpeed ZeRO-3); *_offload keeps the shards in host "
                               "RAM; auto: the cheapest that fits", auto=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _packing_was_batching(cls, data: Any) -> Any:
+        """Presets written before `batching` said `packing: true/false`: read them as packed/padded."""
+        if isinstance(data, dict) and "packing" in data:
+            data = dict(data)
+            packing = data.pop("packing")
+            if not isinstance(packing, bool):
+                raise ValueError(f"packing must be true or false, not {packing!r} (it is now batching: packed)")
+            wanted = "packed" if packing else "padded"
+            if data.setdefault("batching", wanted) != wanted:
+                raise ValueError(f"packing: {str(packing).lower()} contradicts batching: {data['batching']}")
+        return data
 
     @field_validator("target_modules")
     @classmethod

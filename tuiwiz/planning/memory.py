@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 from tuiwiz.models import ModelSpec
 from tuiwiz.planning import activations as act
 from tuiwiz.planning.knobs import TrainingKnobs
+from tuiwiz.planning.strategy import assumption as strategy_assumption
+from tuiwiz.planning.strategy import slack_fraction, state_terms
+from tuiwiz.planning.stacks import residual_fp32, stack_of
 
 if TYPE_CHECKING:
     from tuiwiz.planning.calibration import Calibration, CalibrationApplied
@@ -119,7 +122,8 @@ def unquantized_weights_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
 
     bitsandbytes only quantizes `nn.Linear` inside the blocks. With a quantized base the worker
     runs peft's `prepare_model_for_kbit_training`, which casts every remaining 16-bit parameter
-    to fp32, so these cost 4 bytes each; a 16-bit base keeps them at 2 bytes.
+    to fp32, so these cost 4 bytes each (`residual: fp32`); a 16-bit base, `residual: bf16`,
+    LLaMA-Factory and Axolotl keep them at 2 bytes (`tuiwiz.planning.stacks`).
     """
     counts = spec.param_counts()
     n = spec.total_params - spec.quantizable_params()
@@ -127,7 +131,7 @@ def unquantized_weights_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
         n = counts["embedding"] + counts["head"] + counts["norms"] + counts["experts"] + counts["router"]
         if spec.attention_bias:
             n += spec.layers * (spec.q_dim + 2 * spec.kv_dim)
-    return n * (4 if knobs.quant_bits in (4, 8) else 2)
+    return n * (4 if residual_fp32(knobs) else 2)
 
 
 def lora_param_count(spec: ModelSpec, knobs: TrainingKnobs) -> int:
@@ -148,8 +152,10 @@ def _lora_tensor_sizes(spec: ModelSpec, knobs: TrainingKnobs) -> list[int]:
 def lora_param_bytes(knobs: TrainingKnobs) -> int:
     """Bytes per adapter weight. trl 1.16's SFTTrainer casts the adapters of a quantized base to
     bf16 (QLoRA paper recipe); the worker keeps them fp32 under fp16 compute (the fp16 grad scaler
-    cannot unscale bf16 gradients); on a 16-bit base peft's autocast_adapter_dtype keeps them fp32."""
-    return 2 if knobs.quant_bits in (4, 8) and knobs.compute_dtype == "bf16" else 4
+    cannot unscale bf16 gradients); on a 16-bit base peft's autocast_adapter_dtype keeps them fp32.
+    LLaMA-Factory and Axolotl keep them fp32 on any base (`tuiwiz.planning.stacks`)."""
+    bf16 = knobs.quant_bits in (4, 8) and knobs.compute_dtype == "bf16" and not stack_of(knobs).fp32_adapters
+    return 2 if bf16 else 4
 
 
 def lora_weights_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
@@ -205,14 +211,15 @@ def ddp_bucket_bytes(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> int:
 
 def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1,
                     calibration: Calibration | None = None) -> MemoryEstimate:
-    """Peak memory of one training step on each GPU (data parallel: every GPU holds it all).
+    """Peak memory of one training step on each GPU; `gpus` is the run's GPU count over all nodes,
+    and `knobs.strategy` says how they share the model (tuiwiz.planning.strategy).
 
     The step peaks either inside a decoder layer (its recompute and gradients, with the
     dequantized weight of a base matmul) or at the output head's first backward tile; the two
     never coexist (measured op by op on CPU), so the estimate takes the larger and reports the
     terms alive at that moment. What is kept through the whole step counts in both.
     """
-    b, s = knobs.micro_batch_size, knobs.cutoff_len
+    b, s = act.micro_batch_shape(knobs)  # rows x tokens: a flattened batching is one row
     kept = act.kept_layer_bytes(spec, knobs, b, s)
     # the busiest layer moment: its widest transients, or a base matmul's dequantized weight
     # beside that matmul's input, whichever is larger
@@ -233,18 +240,10 @@ def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1,
         layers_why = "layer inputs + 1 layer" if at_layer else "checkpointed inputs"
     else:
         layers_why = "all layers + transients" if at_layer else "every layer's saved"
-    wdtype = "bf16" if lora_param_bytes(knobs) == 2 else "fp32"
+    # the states (weights, adapters, gradients, optimizer) as the run's strategy spreads them over
+    # its GPUs (tuiwiz.planning.strategy); what follows is per GPU whatever the strategy
     terms = [
-        Term("quantized_weights", f"{knobs.quant_bits}-bit decoder weights", "weights",
-             quantized_weights_bytes(spec, knobs),
-             {4: "NF4 + absmax constants", 8: "int8 + row scales"}.get(knobs.quant_bits, "16-bit")),
-        Term("unquantized_weights", "embeddings, head, norms", "weights", unquantized_weights_bytes(spec, knobs),
-             "fp32 after k-bit prep" if knobs.quant_bits != 16 else "16-bit"),
-        Term("lora_weights", "LoRA adapters", "lora", lora_weights_bytes(spec, knobs), f"{wdtype} A and B per target"),
-        Term("lora_gradients", "LoRA gradients", "gradients", lora_gradients_bytes(spec, knobs) +
-             ddp_bucket_bytes(spec, knobs, gpus), wdtype + (" + DDP buckets" if gpus > 1 else "")),
-        Term("optimizer_states", f"optimizer ({knobs.optim})", "optimizer", optimizer_state_bytes(spec, knobs),
-             "2 AdamW moments/weight"),
+        *state_terms(spec, knobs, gpus),
         Term("activations", "activations", "activations", kept + (busiest if at_layer else 0), layers_why),
         Term("dequant_workspace", "dequantized weight (transient)", "activations", dequant if at_layer else 0,
              "largest linear, bf16" if at_layer and dequant else "freed at this peak"),
@@ -253,8 +252,10 @@ def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1,
               else "chunked; tiles freed" if at_layer else "chunked head's tiles")),
     ]
     allocated = sum(t.bytes for t in terms)
-    slack = int(ALLOCATOR_SLACK * allocated)
-    terms.append(Term("allocator_slack", "allocator slack", "overhead", slack, f"{ALLOCATOR_SLACK:.0%} of allocated"))
+    fraction = slack_fraction(knobs)  # ALLOCATOR_SLACK, more for a sharded step (tuiwiz.planning.strategy)
+    slack = int(fraction * allocated)
+    terms.append(Term("allocator_slack", "allocator slack", "overhead", slack,
+                      f"{fraction:.0%}, expandable_segments"))
     terms.append(Term("cuda_context", "CUDA context", "overhead", CUDA_CONTEXT_BYTES, "per process, NVML only"))
     context, applied = CUDA_CONTEXT_BYTES, None
     if calibration is not None:
@@ -275,6 +276,23 @@ def estimate_memory(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1,
     )
 
 
+def batching_assumption(knobs: TrainingKnobs) -> str:
+    """The micro-batch the estimate sizes, in words (its worst case: every sample at the cutoff)."""
+    b, s = knobs.micro_batch_size, knobs.cutoff_len
+    if knobs.batching == "padded":
+        return f"padded: {b} row{'s' if b > 1 else ''} of up to {s} tokens (worst case: padded to the cutoff)"
+    rows = f"{b} packed row{'s' if b > 1 else ''}" if knobs.batching == "packed" else f"{b} sample{'s' if b > 1 else ''}"
+    return f"{knobs.batching.replace('_', '-')}: {rows} flattened into one row of up to {b * s} tokens, no padding"
+
+
+def liger_saving_bytes(spec: ModelSpec, knobs: TrainingKnobs, gpus: int = 1) -> int:
+    """What Liger's kernels take off this plan's peak (0 when the model type has none): the plan
+    says it. Its fused linear cross-entropy is not among them: trl 1.16's SFTTrainer turns it off
+    and keeps its own chunked head (trl/trainer/sft_trainer.py, `liger_kernel_config`)."""
+    on, off = knobs.replace(liger=True), knobs.replace(liger=False)
+    return estimate_memory(spec, off, gpus).peak_bytes - estimate_memory(spec, on, gpus).peak_bytes
+
+
 def _assumptions(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> tuple[str, ...]:
     out = [
         f"{'NF4' if knobs.quant_bits == 4 else f'{knobs.quant_bits}-bit'} base"
@@ -282,12 +300,19 @@ def _assumptions(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> tuple[str,
         + f", {knobs.compute_dtype} compute",
         f"attention: {knobs.attn}",
         "gradient checkpointing " + ("on" if knobs.grad_checkpointing else "off"),
-        f"every sequence padded or packed to {knobs.cutoff_len} tokens (worst case)",
-        "loss: trl's chunked log-probs (no full logits)" if knobs.loss == "chunked"
+        batching_assumption(knobs),
+        f"loss: {stack_of(knobs).fused_loss} (no full logits)" if knobs.loss == "chunked"
         else "loss: full logits in fp32 (standard cross-entropy)",
+        f"trainer: {stack_of(knobs).label}, residual stream "
+        + ("fp32" if residual_fp32(knobs) else "16-bit")
+        + (", fp32 LoRA weights" if lora_param_bytes(knobs) == 4 else ", bf16 LoRA weights"),
     ]
-    if gpus > 1:
-        out.append(f"data parallel over {gpus} GPUs: each holds the whole model")
+    if knobs.liger:
+        out.append("Liger kernels: RMSNorm and SwiGLU keep less, RoPE runs in place" if act.liger_on(spec, knobs)
+                   else f"Liger kernels: none for {spec.model_type} models (the estimate assumes none)")
+    spread = strategy_assumption(knobs, gpus)
+    if spread:
+        out.append(spread)
     if spec.is_moe:
         out.append("MoE experts are fused 3D parameters that bitsandbytes leaves unquantized")
     return tuple(out)

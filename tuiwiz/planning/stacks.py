@@ -19,7 +19,8 @@ differ, each read in the trainer's source (file and commit in `tests/test_export
   `enable_liger_kernel`, Axolotl's LigerPlugin; liger-kernel is an Axolotl dependency, while
   its cut cross-entropy needs a git-only fork). Liger patches only the model types it knows;
   for any other the run computes the full logits, and the plan says so. `loss: standard` is
-  the model's own cross-entropy over the full logits, in every trainer.
+  the model's own cross-entropy over the full logits, in every trainer. LLaMA-Factory has one
+  switch for the fused loss and Liger's other kernels, so there `liger` follows `loss`.
 
 Pure data and functions: no torch, no I/O.
 """
@@ -78,9 +79,10 @@ def residual_fp32(knobs: TrainingKnobs) -> bool:
 
 
 def adapters_fp32(knobs: TrainingKnobs) -> bool:
-    """fp32 LoRA weights: a 16-bit base (peft's autocast_adapter_dtype), fp16 compute (the grad
-    scaler needs fp32 gradients), or a trainer that keeps them fp32."""
-    return not kbit(knobs) or knobs.compute_dtype != "bf16" or stack_of(knobs).fp32_adapters
+    """fp32 LoRA weights on a bf16 stream: a 16-bit base (peft's autocast_adapter_dtype) or a
+    trainer that keeps them fp32. (tuiwiz's own fp32 adapters under fp16 compute are counted
+    by `memory.lora_param_bytes`.)"""
+    return not kbit(knobs) or stack_of(knobs).fp32_adapters
 
 
 def fused_loss_for(trainer: str, model_type: str | None) -> bool:
@@ -104,10 +106,15 @@ def fit_to_trainer(knobs: TrainingKnobs, model_type: str | None) -> tuple[Traini
     if knobs.residual not in stack.residuals:
         knobs = knobs.replace(residual=stack.residuals[0])
         reasons.append(f"residual stream {knobs.residual}: {stack.label} keeps embeddings, norms and head "
-                       f"in {knobs.residual} (no fp32 upcast of a k-bit base)")
+                       "in the compute dtype (no fp32 upcast of a k-bit base)")
     if knobs.loss == "chunked" and not fused_loss_for(knobs.trainer, model_type):
         knobs = knobs.replace(loss="standard")
         reasons.append(f"loss standard (full logits): {stack.label} has no fused loss for {model_type} models")
+    if knobs.trainer == "llamafactory" and knobs.liger != (knobs.loss == "chunked"):
+        # one switch, enable_liger_kernel: the fused loss and the RMSNorm/SwiGLU/RoPE kernels together
+        knobs = knobs.replace(liger=knobs.loss == "chunked")
+        reasons.append(f"Liger kernels {'on' if knobs.liger else 'off'}: {stack.label}'s enable_liger_kernel "
+                       "switches them together with its fused loss")
     return knobs, reasons
 
 

@@ -19,8 +19,11 @@ from tuiwiz.errors import CannotWrite, UserError
 from tuiwiz.runs.control import stop_run
 from tuiwiz.runs.launcher import LaunchedRun, absolute, launch, resume
 from tuiwiz.runs.paths import RunPaths, default_runs_root, list_run_dirs, resolve_run
+from tuiwiz.runs.events import EventFollower, MemoryEvent, ReplanEvent, iter_events, read_events
 from tuiwiz.runs.preflight import ModelNotLocal
+from tuiwiz.runs.replan import MAX_AUTO_REPLANS, relaunch_with_next_plan, wait_for_probe, wait_until_exited
 from tuiwiz.runs.status import RunSummary, summarize
+from tuiwiz.runs.view import memory_summary
 
 COMMANDS = ("launch", "runs", "attach", "stop", "resume")
 WIDTH = 80
@@ -51,6 +54,9 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("preset", type=Path, help="preset YAML written by the wizard or `tuiwiz --auto`")
         p.add_argument("--run-id", default=None, help="name the run directory (default: NAME-DATE-TIME)")
         p.add_argument("--merge", action="store_true", help="also save a merged model (non-quantized bases only)")
+        p.add_argument("--auto-replan", action="store_true",
+                       help="wait until the first (worst-case) step has passed; if it runs out of GPU memory, "
+                            f"relaunch with the next plan (same effective batch), at most {MAX_AUTO_REPLANS} times")
         _start_args(p, resuming=False)
     elif name == "runs":
         p.description = "List runs with state, progress, loss and age (and why a failed run failed)."
@@ -101,8 +107,9 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{s // 86400}d"
 
 
-def format_runs_table(rows: list[RunSummary]) -> str:
-    """A table that fits 80 columns: id, state, progress, loss, age; a failed run's reason below its row."""
+def format_runs_table(rows: list[RunSummary], memory: dict[str, MemoryEvent] | None = None) -> str:
+    """A table that fits 80 columns: id, state, progress, loss, age; below a row, a failed run's reason
+    and the run's latest `memory` event (measured against the plan at the same level)."""
     if not rows:
         return "no runs yet; start one with `tuiwiz launch PRESET`."
     lines = [f"{'RUN':<36} {'STATE':<9} {'PROGRESS':>15} {'LOSS':>7} {'AGE':>6}"]
@@ -113,6 +120,12 @@ def format_runs_table(rows: list[RunSummary]) -> str:
         lines.append(f"{rid:<36} {r.state:<9} {prog:>15} {loss:>7} {_fmt_age(r.age_s):>6}")
         if r.state == "failed" and r.message:
             lines.append(clip(f"  {r.message}"))
+        if memory and r.run_id in memory:
+            head, body = memory_summary(memory[r.run_id])
+            if memory[r.run_id].measured.allocated_gib is None:
+                lines.append(clip(f"  memory at {head}: {body}"))
+            else:
+                lines += [clip(f"  memory at {head}, measured/plan:"), clip(f"    {body}")]
     return "\n".join(lines)
 
 
@@ -172,14 +185,17 @@ def _dispatch(name: str, args: argparse.Namespace) -> int:
     if name == "launch":
         run = launch(args.preset, root, run_id=args.run_id, merge=args.merge, online=args.online, cpu=args.cpu)
         _print_started(run, "started")
-        return 0
+        return _auto_replan(run) if args.auto_replan else 0
     if name == "runs":
-        rows = [summarize(RunPaths(d)) for d in list_run_dirs(root)]
-        rows.sort(key=lambda r: r.started_at or 0.0)
+        dirs = list_run_dirs(root)
+        rows = sorted((summarize(RunPaths(d)) for d in dirs), key=lambda r: r.started_at or 0.0)
+        memory = {d.name: ev for d in dirs if (ev := last_memory(RunPaths(d))) is not None}
         if args.json:
-            print(json.dumps([{**r.model_dump(), "progress": r.progress} for r in rows], indent=1))
+            print(json.dumps([{**r.model_dump(), "progress": r.progress,
+                               "memory": memory[r.run_id].model_dump(mode="json") if r.run_id in memory else None}
+                              for r in rows], indent=1))
         else:
-            print(format_runs_table(rows))
+            print(format_runs_table(rows, memory))
         return 0
     paths = resolve_run(args.run, root)
     if name == "stop":
@@ -198,6 +214,61 @@ def _dispatch(name: str, args: argparse.Namespace) -> int:
         MonitorApp(paths).run()
         return 0
     raise UserError(f"unknown command {name!r}; one of {', '.join(COMMANDS)}.")
+
+
+def last_memory(paths: RunPaths) -> MemoryEvent | None:
+    """The run's latest `memory` event (the probe's, or the end's)."""
+    out = None
+    for ev in iter_events(paths.events):
+        if isinstance(ev, MemoryEvent):
+            out = ev
+    return out
+
+
+def _say(text: str) -> None:
+    print(fit(text, indent="  "), file=sys.stderr, flush=True)
+
+
+def _changes(ev: ReplanEvent) -> str:
+    return ", ".join(f"{k} {a}->{b}" for k, (a, b) in ev.changed.items()) or "no knob changed"
+
+
+def _auto_replan(run: LaunchedRun, poll_s: float = 0.5) -> int:
+    """`launch --auto-replan`: follow the run until its first step passes; after an OOM there,
+    relaunch with the next plan (at most MAX_AUTO_REPLANS times). 0 once a step has passed (the
+    run goes on detached) or the run finished; 1 when it failed or stopped first."""
+    paths, relaunches = run.paths, 0
+    follower = EventFollower(paths.events)
+    _say(f"auto re-plan: waiting for the first step of {run.run_id} (the longest samples)...")
+    try:
+        while True:
+            result = wait_for_probe(paths, follower, poll_s=poll_s)
+            if result.outcome == "passed" and result.memory is not None:
+                head, body = memory_summary(result.memory)
+                _say(f"the first step fits: {head}: {body}. The run goes on.")
+                return 0
+            if result.outcome == "oom" and result.error is not None:
+                over = f" (over by {result.error.overshoot_gib:.2f} GiB)" if result.error.overshoot_gib else ""
+                if relaunches >= MAX_AUTO_REPLANS:
+                    _say(f"out of memory at the first step again{over} after {relaunches} re-plans; not relaunching. "
+                         f"`tuiwiz attach {run.run_id}` shows the next plan.")
+                    return 1
+                if not wait_until_exited(paths):
+                    _say(f"the failed worker of {run.run_id} does not exit; not relaunching.")
+                    return 1
+                relaunch_with_next_plan(paths, auto=True)
+                relaunches += 1
+                replan = [e for e in read_events(paths.events) if isinstance(e, ReplanEvent)][-1]
+                _say(f"out of memory at the first step{over}: relaunched as attempt {replan.attempt} with "
+                     f"{_changes(replan)} (same effective batch).")
+                continue
+            _say({"finished": f"{run.run_id} finished.", "stopped": f"{run.run_id} was stopped.",
+                  "stale": f"the worker of {run.run_id} is gone without a last event; see its train.log.",
+                  }.get(result.outcome, f"{run.run_id} failed: {result.error.message if result.error else '?'}"))
+            return 0 if result.outcome == "finished" else 1
+    except KeyboardInterrupt:
+        _say(f"stopped waiting; the run goes on (`tuiwiz attach {run.run_id}`), without automatic re-plans.")
+        return 130
 
 
 def run_command(name: str, argv: list[str]) -> int:

@@ -45,6 +45,7 @@ class StartEvent(_Event):
     train_samples: int
     eval_samples: int
     note: str | None = None
+    attempt: int = Field(1, ge=1, description="1, then 2, 3... for each relaunch after a `replan` event")
 
 
 class LogEvent(_Event):
@@ -103,12 +104,64 @@ class ErrorEvent(_Event):
     message: str
     suggestion: str
     step: int | None = None
-    peak_gib: float | None = Field(None, description="measured peak GPU memory when it failed (GiB)")
-    smaller_plan: dict[str, Any] | None = Field(None, description="TrainingKnobs to relaunch with after an OOM")
+    peak_gib: float | None = Field(None, description="torch's max allocated GPU memory when it failed (GiB)")
+    smaller_plan: dict[str, Any] | None = Field(
+        None, description="after an OOM: the TrainingKnobs of the next plan (same effective batch, smaller steps), "
+                          "corrected by `overshoot_gib` when it was measured")
+    probe: bool | None = Field(None, description="the OOM hit the worst-case first step after a start")
+    overshoot_gib: float | None = Field(
+        None, description="after a CUDA OOM: how far past the free GPU memory the failed allocation reached (GiB)")
+
+
+class MemoryLevels(BaseModel):
+    """What torch and NVML measured: null (left out) where they could not (on CPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allocated_gib: float | None = Field(None, description="torch.cuda.max_memory_allocated since training began")
+    reserved_gib: float | None = Field(None, description="torch.cuda.max_memory_reserved since training began")
+    nvml_gib: float | None = Field(None, description="NVML: this process's GPU memory (or the device's used "
+                                                     "memory minus what it used before the model loaded)")
+
+
+class EstimateLevels(BaseModel):
+    """The plan's (uncalibrated) estimate at the same three levels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allocated_gib: float
+    reserved_gib: float
+    peak_gib: float = Field(description="driver level: reserved + CUDA context, compared with `nvml_gib`")
+
+
+class MemoryEvent(_Event):
+    """Measured memory next to the estimate: after the worst-case first step (`probe`) and at the end."""
+
+    event: Literal["memory"] = "memory"
+    step: int
+    probe: bool = Field(description="true after the worst-case step that opens every (re)start")
+    batch_tokens: int | None = Field(None, description="real tokens (no padding) in the largest micro-batch of "
+                                                       "the step (of the whole run, for the end event)")
+    gpu: str | None = Field(None, description="the NVML name of this rank's GPU")
+    measured: MemoryLevels = Field(default_factory=MemoryLevels)
+    estimate: EstimateLevels | None = None
+
+
+class ReplanEvent(_Event):
+    """A relaunch with the next plan after an OOM (`tuiwiz launch --auto-replan` or the monitor's key)."""
+
+    event: Literal["replan"] = "replan"
+    attempt: int = Field(ge=2, description="the attempt this relaunch starts (the first launch is attempt 1)")
+    knobs: dict[str, Any] = Field(description="the TrainingKnobs the new attempt runs with")
+    changed: dict[str, list[Any]] = Field(description="knob -> [before, after]")
+    overshoot_gib: float | None = None
+    resume_from: str | None = Field(None, description="the checkpoint it continues from; none: from step 0")
+    auto: bool = False
 
 
 Event = Annotated[
-    Union[StartEvent, LogEvent, EvalEvent, CheckpointEvent, DoneEvent, StoppedEvent, ErrorEvent],
+    Union[StartEvent, LogEvent, EvalEvent, CheckpointEvent, DoneEvent, StoppedEvent, ErrorEvent, MemoryEvent,
+          ReplanEvent],
     Field(discriminator="event"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tuiwiz.errors import UserError
 from tuiwiz.preset import Preset, load_preset, save_preset
+from tuiwiz.runs.cluster import ACCELERATE_CONFIG, launch_args, uses_accelerate, write_accelerate_config
 from tuiwiz.runs.paths import RunPaths, check_run_id, default_runs_root, new_run_id
 from tuiwiz.runs.preflight import preflight
 from tuiwiz.runs.status import (RunStatus, is_live, last_checkpoint, read_status, summarize, take_lock,
@@ -41,18 +42,20 @@ class LaunchedRun:
 
 def worker_argv(preset: Preset, run_dir: Path, *, resume: bool = False, merge: bool = False,
                 python: str | None = None, cpu: bool = False) -> list[str]:
-    """`python -m tuiwiz.train RUN_DIR`, or through `accelerate launch` (DDP) for >1 GPU (never on CPU)."""
+    """`python -m tuiwiz.train RUN_DIR`, or `accelerate launch --config_file RUN_DIR/accelerate.yaml`
+    (DDP, FSDP or DeepSpeed as planned, tuiwiz.runs.cluster) for more than one process. A CPU run
+    starts as many processes as the plan has GPUs (gloo), through the same config."""
     py = python or sys.executable
-    tail = ["tuiwiz.train", str(run_dir)]
+    tail = [str(run_dir)]
     if resume:
         tail.append("--resume")
     if merge:
         tail.append("--merge")
-    gpus = preset.hardware.count
-    if gpus > 1 and not cpu:
-        return [py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                "--num_processes", str(gpus), "--mixed_precision", "no", "-m", *tail]
-    return [py, "-m", *tail]
+    if uses_accelerate(preset):
+        processes = preset.hardware.count * preset.hardware.nodes
+        return [py, "-m", "accelerate.commands.launch",
+                *launch_args(str(run_dir / ACCELERATE_CONFIG), processes), *tail]
+    return [py, "-m", "tuiwiz.train", *tail]
 
 
 def worker_env(preset: Preset, base: dict[str, str] | None = None, *, online: bool = False) -> dict[str, str]:
@@ -76,6 +79,9 @@ def worker_env(preset: Preset, base: dict[str, str] | None = None, *, online: bo
     env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not env.get("PYTORCH_CUDA_ALLOC_CONF") and not env.get("PYTORCH_ALLOC_CONF"):
+        # the allocator setting the estimate's slack assumes (memory.ALLOCATOR_SLACK): less fragmentation
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     return env
 
 
@@ -127,7 +133,11 @@ def _prepare(preset: Preset, base: Path, env: dict[str, str] | None, *, online: 
     wenv = worker_env(preset, env, online=online)
     if cpu:
         wenv["CUDA_VISIBLE_DEVICES"] = ""
-    return preset, wenv, wenv.get("CUDA_VISIBLE_DEVICES") == ""
+    cpu = wenv.get("CUDA_VISIBLE_DEVICES") == ""
+    if cpu and preset.training.strategy != "ddp":
+        raise UserError(f"training.strategy {preset.training.strategy} needs GPUs (accelerate's FSDP and DeepSpeed "
+                        "refuse the CPU); a CPU test run uses strategy ddp.", field="strategy")
+    return preset, wenv, cpu
 
 
 def _unused_id(root: Path, rid: str) -> str:
@@ -153,6 +163,9 @@ def launch(preset: Preset | str | Path, runs_root: Path | None = None, *, run_id
     """
     if not isinstance(preset, Preset):
         preset = load_preset(preset)
+    if preset.hardware.nodes > 1:
+        raise UserError(f"the plan is for {preset.hardware.nodes} nodes; `launch` starts one machine's run. Start "
+                        "it with the plan's SLURM or torchrun export.", field="nodes")
     if merge and preset.training.quant_bits != 16:
         raise UserError("a merged model needs a non-quantized base (training.quant_bits: 16); a 4/8-bit base "
                         "cannot be merged without loss: train without merging or set quant_bits: 16.", field="merge")
@@ -172,6 +185,7 @@ def launch(preset: Preset | str | Path, runs_root: Path | None = None, *, run_id
         raise _already_live(rid, paths.root)
     try:
         save_preset(preset, paths.preset)
+        write_accelerate_config(preset, paths.root)
         argv = worker_argv(preset, paths.root, merge=merge, cpu=cpu)
         status = RunStatus(run_id=rid, state="running", launched_at=time.time(), cpu=cpu, online=online)
         write_status(paths, status)
@@ -182,8 +196,8 @@ def launch(preset: Preset | str | Path, runs_root: Path | None = None, *, run_id
     return LaunchedRun(rid, paths, pid, tuple(argv), cpu, tuple(warnings))
 
 
-def check_resumable(paths: RunPaths) -> None:
-    """Refuse a resume that cannot continue anything: not a run, finished, live, or no checkpoint."""
+def check_resumable(paths: RunPaths, *, fresh: bool = False) -> None:
+    """Refuse a resume that cannot continue: not a run, finished, live, or no checkpoint (unless `fresh`)."""
     if not paths.preset.exists():
         raise UserError(f"{paths.root}: not a run directory (no preset.yaml).")
     state = summarize(paths)
@@ -192,21 +206,25 @@ def check_resumable(paths: RunPaths) -> None:
                         f"nothing to resume. Its adapter is in {paths.adapter}.")
     if state.state == "running":
         raise UserError(f"run {paths.run_id} is still live; stop it first (`tuiwiz stop {paths.run_id}`).")
-    if last_checkpoint(paths) is None:
+    if not fresh and last_checkpoint(paths) is None:
         raise UserError(f"run {paths.run_id} has no complete checkpoint in {paths.checkpoints} to resume from; "
                         "launch it again instead.")
 
 
 def resume(paths: RunPaths, *, env: dict[str, str] | None = None, online: bool | None = None,
-           cpu: bool | None = None) -> LaunchedRun:
-    """Start the worker again in the same run directory; it continues from the last checkpoint.
+           cpu: bool | None = None, fresh: bool = False) -> LaunchedRun:
+    """Start the worker again in the same run directory; it continues from the last checkpoint,
+    or with `fresh` from step 0 (a re-planned run that failed before it saved one, tuiwiz.runs.replan).
 
     `online` and `cpu` default to what the run was launched with. The same pre-flight as
     `launch` runs first (relative paths in an old preset.yaml are the worker's: RUN_DIR's).
     """
     paths = RunPaths(absolute(paths.root))
-    check_resumable(paths)
+    check_resumable(paths, fresh=fresh)
     preset = load_preset(paths.preset)
+    if preset.hardware.nodes > 1:
+        raise UserError(f"run {paths.run_id} is for {preset.hardware.nodes} nodes; run its SLURM or torchrun script "
+                        "again to resume it.", field="nodes")
     prev = read_status(paths)
     online = online if online is not None else bool(prev and prev.online)
     cpu = cpu if cpu is not None else bool(prev and prev.cpu)
@@ -216,9 +234,10 @@ def resume(paths: RunPaths, *, env: dict[str, str] | None = None, online: bool |
     if lock_fd is None:
         raise _already_live(paths.run_id, paths.root)
     try:
-        argv = worker_argv(preset, paths.root, resume=True, cpu=cpu)
+        write_accelerate_config(preset, paths.root)
+        argv = worker_argv(preset, paths.root, resume=not fresh, cpu=cpu)
         status = RunStatus(run_id=paths.run_id, state="running", launched_at=time.time(), cpu=cpu, online=online,
-                           step=prev.step if prev else 0, total_steps=prev.total_steps if prev else None)
+                           step=prev.step if prev and not fresh else 0, total_steps=prev.total_steps if prev else None)
         write_status(paths, status)
         pid = _spawn(paths, argv, wenv, lock_fd)
         write_status(paths, status.model_copy(update={"pid": pid}))

@@ -81,6 +81,8 @@ def missing_train_modules(knobs: TrainingKnobs) -> list[str]:
     needed = list(TRAIN_MODULES)
     if knobs.quant_bits in (4, 8) or "8bit" in knobs.optim:
         needed.append("bitsandbytes")  # the worker quantizes (and optimizes) with it on CPU too
+    if knobs.strategy.startswith("zero3"):
+        needed.append("deepspeed")  # ZeRO-3 runs on DeepSpeed, which the training extra does not install
     return [m for m in needed if importlib.util.find_spec(m) is None]
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tuiwiz.runs.events import (
-    CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, LogEvent, StartEvent, StoppedEvent,
+    CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, LogEvent, MemoryEvent, ReplanEvent, StartEvent,
+    StoppedEvent,
 )
 
 RunState = Literal["waiting", "running", "finished", "stopped", "failed"]
@@ -43,6 +44,10 @@ class RunView:
     note: str = ""
     error: ErrorEvent | None = None
     last_checkpoint: str | None = None
+    #: the latest `memory` event (the probe's, then the end's): measured next to the estimate
+    memory: MemoryEvent | None = None
+    attempt: int = 1
+    replans: list[ReplanEvent] = field(default_factory=list)
     #: (step, loss) points; a resume drops the points after the step it resumed from
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -69,14 +74,27 @@ class RunView:
             self.state, self.error = "failed", ev
             if ev.peak_gib is not None:
                 self.mem_peak_gib = ev.peak_gib
+        elif isinstance(ev, MemoryEvent):
+            self.memory = ev
+        elif isinstance(ev, ReplanEvent):
+            self._replan(ev)
 
     def _start(self, ev: StartEvent) -> None:
         self.run_id, self.device, self.total_steps = ev.run_id, ev.device, ev.total_steps
         self.step = max(self.step, ev.start_step) if not ev.resumed_from else ev.start_step
         self.plan_peak_gib = ev.config.get("plan_peak_gib", self.plan_peak_gib)
         self.state, self.error, self.note = "running", None, ev.note or ""
+        self.attempt = ev.attempt
         if ev.resumed_from:
             self.note = f"resumed from step {ev.start_step}"
+
+    def _replan(self, ev: ReplanEvent) -> None:
+        """A relaunch with the next plan; from step 0 it is a new curve (the failed attempt's is gone)."""
+        self.replans.append(ev)
+        self.attempt = ev.attempt
+        if ev.resume_from is None:
+            self.step, self.train_curve, self.eval_curve = 0, [], []
+            self.memory = self.mem_peak_gib = self.mem_allocated_gib = self.mem_reserved_gib = None
 
     def _log(self, ev: LogEvent) -> None:
         self.step = ev.step
@@ -92,3 +110,43 @@ class RunView:
         for ev in events:
             self.apply(ev)
         return self
+
+
+# ---- estimate against measurement, level by level ------------------------------------------
+
+#: (label, measured field, estimate field): torch's allocated against the estimate's allocated,
+#: reserved against reserved, and the process's NVML reading against the driver-level peak.
+LEVELS = (("allocated", "allocated_gib", "allocated_gib"), ("reserved", "reserved_gib", "reserved_gib"),
+          ("driver peak", "nvml_gib", "peak_gib"))
+
+
+def memory_levels(ev: MemoryEvent) -> list[tuple[str, float | None, float | None]]:
+    """(level, measured GiB, estimated GiB) at each level; None where one side is unknown."""
+    est = ev.estimate
+    return [(label, getattr(ev.measured, m), getattr(est, e) if est is not None else None) for label, m, e in LEVELS]
+
+
+def vs_plan(measured: float | None, estimate: float | None) -> float | None:
+    """measured / estimate - 1 at one level (None when either is unknown)."""
+    if measured is None or not estimate:
+        return None
+    return measured / estimate - 1
+
+
+def memory_summary(ev: MemoryEvent) -> tuple[str, str]:
+    """(which step, what it measured against the plan), e.g. (`step 1 (worst case, 4096 tokens)`,
+    `allocated 13.1/12.8 GiB +2%, driver peak 14.9/15.3 GiB -3%`): measured/plan at the same level.
+    Each part fits 70 columns; on CPU the second says there is nothing to measure."""
+    what = "worst case" if ev.probe else "end"
+    tokens = f", {ev.batch_tokens} tokens" if ev.batch_tokens is not None else ""
+    head = f"step {ev.step} ({what}{tokens})"
+    parts = []
+    for label, measured, estimate in memory_levels(ev):
+        if label == "reserved" or measured is None:
+            continue
+        ratio = vs_plan(measured, estimate)
+        plan = f"/{estimate:.1f}" if estimate is not None else ""
+        parts.append(f"{label} {measured:.1f}{plan} GiB" + (f" {ratio * 100:+.0f}%" if ratio is not None else ""))
+    if not parts:
+        return head, f"no GPU memory measured ({'CPU run' if ev.gpu is None else 'no reading'})"
+    return head, ", ".join(parts)

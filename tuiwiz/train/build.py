@@ -33,6 +33,7 @@ from trl import SFTConfig, SFTTrainer
 from tuiwiz.gpu_features import Capability, flash_attn_installed, flash_attn_problem, native_bf16
 from tuiwiz.models import spec_from_config
 from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
+from tuiwiz.planning.strategy import engine, is_sharded
 from tuiwiz.planning.schedule import early_stopping_on, eval_and_save_steps
 from tuiwiz.preset import Preset
 from tuiwiz.train.errors import SetupError
@@ -102,10 +103,13 @@ def cast_trainable(model: Any, dtype: torch.dtype) -> None:
 
 
 def quantization_config(knobs: TrainingKnobs, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes' config. A sharded run (FSDP-QLoRA, ZeRO-3) stores the packed 4-bit weights in
+    the compute dtype (`bnb_4bit_quant_storage`): FSDP and DeepSpeed only split float tensors."""
     if knobs.quant_bits == 4:
+        storage = dtype if is_sharded(knobs.strategy) else torch.uint8
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=knobs.double_quant, bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_quant_storage=torch.uint8)
+                                  bnb_4bit_quant_storage=storage)
     if knobs.quant_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -178,6 +182,10 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
     dtype = dtype or compute_dtype(knobs, device, hardware_bf16)
     qcfg = quantization_config(knobs, dtype)
     device_map: dict[str, Any] = {"": int(device.split(":")[1]) if device.startswith("cuda:") else device}
+    if engine(knobs.strategy) == "fsdp":
+        # FSDP moves the model to the GPU one wrapped layer at a time (sync_module_states); a whole
+        # quantized copy per GPU first would not fit where FSDP-QLoRA is needed
+        device_map = {"": "cpu"}
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)  # read once, passed on
     attn = attn_implementation(knobs, device, config.model_type)
     check_attention(attn, device)
@@ -187,8 +195,23 @@ def build_model(source: Preset | str | os.PathLike[str] | PretrainedConfig, knob
     )
     model.config.use_cache = False
     if qcfg is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=knobs.grad_checkpointing,
-                                                gradient_checkpointing_kwargs=GC_KWARGS)
+        model = prepare_kbit(model, knobs)
+    return model
+
+
+def prepare_kbit(model: Any, knobs: TrainingKnobs) -> Any:
+    """peft's k-bit preparation for `residual: fp32` (it upcasts embeddings, norms and head, so the
+    residual stream is fp32). For `residual: bf16` only its other parts: a frozen base, and with
+    checkpointing, gradients into the inputs and checkpointing itself; the stream stays bf16, as
+    LLaMA-Factory and Axolotl run it (`tuiwiz.planning.stacks`)."""
+    if knobs.residual == "fp32":
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=knobs.grad_checkpointing,
+                                               gradient_checkpointing_kwargs=GC_KWARGS)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if knobs.grad_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
     return model
 
 
@@ -205,6 +228,24 @@ def lora_targets(knobs: TrainingKnobs, model: Any) -> str | list[str]:
 def lora_config(knobs: TrainingKnobs, model: Any) -> LoraConfig:
     return LoraConfig(r=knobs.lora_rank, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
                       target_modules=lora_targets(knobs, model), bias="none", task_type="CAUSAL_LM")
+
+
+def liger_problem(knobs: TrainingKnobs, device: str) -> str | None:
+    """Why the plan's Liger kernels cannot run here (None: they can, or were not asked for).
+    They are Triton kernels, so CUDA only, and liger-kernel is an optional extra."""
+    if not knobs.liger:
+        return None
+    if not device.startswith("cuda"):
+        return "the plan asks for Liger kernels, which need a CUDA GPU: training without them"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ("the plan asks for Liger kernels, but liger-kernel is not installed (pip install 'tuiwiz[liger]'): "
+                "training without them")
+    return None
+
+
+def use_liger(knobs: TrainingKnobs, device: str) -> bool:
+    """Turn on transformers' `use_liger_kernel` (applied when training starts, trainer.py `apply_liger_kernel`)."""
+    return knobs.liger and liger_problem(knobs, device) is None
 
 
 def report_to() -> str:
@@ -244,9 +285,14 @@ def sft_config(knobs: TrainingKnobs, output_dir: str | os.PathLike[str], *, devi
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        max_length=knobs.cutoff_len,
+        # rows arrive truncated to the cutoff (train/dataset.py); trl refuses padding_free with a
+        # max_length and no packing (trl/trainer/sft_trainer.py, "When `padding_free=True` without packing")
+        max_length=None if knobs.batching == "padding_free" else knobs.cutoff_len,
         truncation_mode="keep_start",
-        packing=knobs.packing,
+        packing=knobs.batching == "packed",
+        packing_strategy="bfd",  # whole samples per row; trl flattens bfd rows padding-free itself
+        padding_free=knobs.batching != "padded",
+        use_liger_kernel=use_liger(knobs, device),
         completion_only_loss=True,
         report_to=report,
         disable_tqdm=True,
@@ -309,6 +355,16 @@ def build_trainer(model: Any, tokenizer: Any, knobs: TrainingKnobs, train_rows: 
     )
     cast_trainable(trainer.model, adapter_dtype(dtype, quantized))  # undoes trl's bf16 cast under fp16
     return trainer
+
+
+def save_adapter(trainer: Any, folder: str, *, is_main: bool) -> None:
+    """Save the adapter to `folder`. Under FSDP or ZeRO-3 every rank takes part (the weights are
+    sharded, gathering them is collective) and FSDP switches to a full state dict first (its
+    sharded checkpoints are not an adapter `from_pretrained` can load); otherwise rank 0 alone."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if is_main or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(folder)
 
 
 def param_dtype_summary(model: Any) -> dict[str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +44,40 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+_UNITS = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+_SIZE = r"([0-9]+(?:\.[0-9]+)?) (bytes|B|KiB|MiB|GiB|TiB)"
+_TRIED = re.compile(r"Tried to allocate " + _SIZE)
+_FREE = re.compile(r"total capacity of " + _SIZE + r" of which " + _SIZE + r" is free")
+
+
+@dataclass(frozen=True)
+class OomSizes:
+    """What torch's CUDA OOM message says: the allocation that failed, the card, its free memory."""
+
+    tried: int
+    total: int
+    free: int
+
+    @property
+    def overshoot(self) -> int:
+        """How far past the free memory the failed allocation reached (0: fragmentation, not size)."""
+        return max(0, self.tried - self.free)
+
+
+def oom_sizes(exc: BaseException) -> OomSizes | None:
+    """The sizes in a CUDA caching allocator OOM message ("Tried to allocate 2.00 GiB. GPU 0 has a
+    total capacity of 23.55 GiB of which 1.20 GiB is free. ..."); None when it does not say them."""
+    text = " ".join(str(exc).split())
+    tried, free = _TRIED.search(text), _FREE.search(text)
+    if tried is None or free is None:
+        return None
+
+    def size(num: str, unit: str) -> int:
+        return round(float(num) * _UNITS[unit])
+
+    return OomSizes(size(*tried.groups()), size(*free.groups()[:2]), size(*free.groups()[2:]))
 
 
 def _is_setup(exc: BaseException) -> bool:

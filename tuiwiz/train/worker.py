@@ -21,12 +21,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tuiwiz.errors import CannotWrite, UserError
 from tuiwiz.preset import Preset, load_preset
-from tuiwiz.runs.events import DoneEvent, ErrorEvent, EventWriter, StartEvent, StoppedEvent
+from tuiwiz.runs.events import (DoneEvent, ErrorEvent, EstimateLevels, EventWriter, MemoryEvent, ReplanEvent,
+                                StartEvent, StoppedEvent, read_events)
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import last_checkpoint, take_lock, update_status
 
 if TYPE_CHECKING:
+    from tuiwiz.models import ModelSpec
+    from tuiwiz.planning.memory import MemoryEstimate
     from tuiwiz.train.dataset import BuiltData
+    from tuiwiz.train.probe import GpuMeter
 
 HEARTBEAT_S = float(os.environ.get("TUIWIZ_HEARTBEAT_S", "5"))
 
@@ -53,11 +57,47 @@ def versions() -> dict[str, str]:
     return out
 
 
-def smaller_knobs(preset: Preset) -> dict[str, Any]:
-    """The advisor's smaller plan to relaunch with after an OOM."""
-    from tuiwiz.planning.advisor import smaller_plan
+def plan_gpus(preset: Preset) -> int:
+    """The GPU count the plan was estimated for (over all nodes)."""
+    return preset.hardware.count * getattr(preset.hardware, "nodes", 1)
 
-    return smaller_plan(preset.training).model_dump(mode="json")
+
+def plan_estimate(preset: Preset) -> tuple[ModelSpec, MemoryEstimate]:
+    """The model's shape, read as the planner reads it, and the plan's uncalibrated estimate:
+    what the `memory` event compares with and the calibration store learns from."""
+    from tuiwiz.models import resolve_model
+    from tuiwiz.planning.memory import estimate_memory
+
+    spec = resolve_model(preset.model.path or preset.model.id)
+    return spec, estimate_memory(spec, preset.training, plan_gpus(preset))
+
+
+def budget_bytes(preset: Preset) -> int:
+    """The plan's memory budget per GPU: the preset's, else the card's less the default headroom."""
+    from tuiwiz.planning.advisor import DEFAULT_HEADROOM
+    from tuiwiz.planning.memory import GIB
+
+    if preset.estimate is not None:
+        return int(preset.estimate.budget_gib * GIB)
+    return int(preset.hardware.memory_gib * (1 - DEFAULT_HEADROOM) * GIB)
+
+
+def next_knobs(preset: Preset, spec: ModelSpec | None, needed_bytes: int | None) -> dict[str, Any]:
+    """The plan to relaunch with after an OOM: the same effective batch in smaller steps, as many
+    as the measured shortfall asks for (`tuiwiz.planning.replan`)."""
+    from tuiwiz.planning.advisor import smaller_plan
+    from tuiwiz.planning.replan import next_plan
+
+    if spec is None:
+        return smaller_plan(preset.training).model_dump(mode="json")
+    nxt = next_plan(spec, preset.training, gpus=plan_gpus(preset), budget_bytes=budget_bytes(preset),
+                    needed_bytes=needed_bytes)
+    return nxt.knobs.model_dump(mode="json")
+
+
+def checkpoint_step(ckpt: Path | None) -> int:
+    """The global step a `checkpoint-N` folder was saved at (0: no checkpoint)."""
+    return int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else 0
 
 
 def _tokenizer_folder(preset: Preset) -> str:
@@ -110,6 +150,12 @@ class Worker:
         self.report = "none"
         self.resume_ckpt: Path | None = None
         self.trainer: Any = None
+        self.history: list[Any] = []  # the run's events before this start (earlier attempts, resumes)
+        self.attempt = 1
+        self.start_step = 0
+        self.gpu: GpuMeter | None = None
+        self.spec: ModelSpec | None = None
+        self.estimate: MemoryEstimate | None = None
 
     # ---- writing -------------------------------------------------------------------------
     def emit(self, event: Any) -> None:
@@ -158,6 +204,8 @@ class Worker:
     def _open(self) -> None:
         """pid file, events.jsonl with its disk reserve, status 'running'."""
         _write_pid_file(self.paths, self.rank)
+        self.history = read_events(self.paths.events)
+        self.attempt = 1 + sum(isinstance(e, ReplanEvent) for e in self.history)
         if self.is_main:
             self.writer = EventWriter(self.paths.events)
             self.writer.reserve()
@@ -181,7 +229,11 @@ class Worker:
 
         from tuiwiz.train import build
 
+        from tuiwiz.train.probe import GpuMeter
+
         self.device = device = build.resolve_device()
+        self.gpu = GpuMeter(device)
+        self.gpu.read_baseline()  # before this process holds any GPU memory
         notes = []
         if device == "cpu":
             notes.append("running on CPU (no CUDA device visible): fine for tiny test models only")
@@ -189,12 +241,17 @@ class Worker:
             torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
         self.dtype, warning = build.choose_compute_dtype(preset.training.compute_dtype, device.startswith("cuda"),
                                                          build.device_capability(device), preset.hardware.bf16)
-        if warning:
-            notes.append(warning)
-            log(f"WARNING: {warning}")
+        for warning in (warning, build.liger_problem(preset.training, device)):
+            if warning:
+                notes.append(warning)
+                log(f"WARNING: {warning}")
         self.note = "; ".join(notes) or None  # the start event carries it to the monitor
         model = build.build_model(preset, preset.training, device, dtype=self.dtype)
         tokenizer = build.load_hf_tokenizer(_tokenizer_folder(preset), preset.model.trust_remote_code)
+        try:
+            self.spec, self.estimate = plan_estimate(preset)
+        except Exception as e:  # noqa: BLE001 - the run trains without an estimate to compare with
+            log(f"no memory estimate for this model ({e}); memory events carry the measurement only")
         return model, tokenizer
 
     def _build_trainer(self, preset: Preset, data: BuiltData, model: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -213,6 +270,10 @@ class Worker:
         if self.report == "tensorboard":
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.paths.tensorboard))
         fault = fault_from_env()
+        if fault is not None and self.attempt > 1:
+            log(f"TEST SEAM: TUIWIZ_FAULT={fault.kind}@{fault.step} fires in a run's first attempt only; "
+                f"this is attempt {self.attempt}")
+            fault = None
         stop_cb = GracefulStopCallback(self.stop_flag)
         events_cb = EventsCallback(self.writer, self.paths, self._start_event, self.device,
                                    samples_per_step=knobs.effective_batch(self.world))
@@ -223,7 +284,44 @@ class Worker:
             log(f"TEST SEAM: TUIWIZ_FAULT={fault.kind}@{fault.step} is set")
             if fault.kind == "data":
                 trainer.data_collator = FaultyCollator(trainer.data_collator, fault, trainer)
+        self._install_probe(trainer)
         return trainer, stop_cb
+
+    def _install_probe(self, trainer: Any) -> None:
+        """Worst case first (the sampler), and the `memory` events after it and at the end."""
+        from tuiwiz.train.probe import MemoryCallback, install, start_chain
+
+        assert self.gpu is not None
+        self.start_step = checkpoint_step(self.resume_ckpt)
+        probe = install(trainer, start_chain(self.history, self.start_step))
+        if probe.sampler is None:
+            log("probe: the trainer orders the data itself; the first step is not the worst case")
+        est = self.estimate
+        levels = EstimateLevels(allocated_gib=round(est.allocated_gib, 3), reserved_gib=round(est.reserved_gib, 3),
+                                peak_gib=round(est.peak_gib, 3)) if est is not None else None
+        trainer.add_callback(MemoryCallback(self.emit, self.device, probe.meter, self.gpu, levels,
+                                            on_probe=self._record_calibration))
+
+    def _record_calibration(self, ev: MemoryEvent) -> None:
+        """After the probe on a GPU: one line in the user's calibration store (rank 0 only)."""
+        from tuiwiz.planning.calibration import MeasuredLevels, append_record, record_for
+
+        m, gpu = ev.measured, self.gpu
+        if not self.is_main or self.estimate is None or gpu is None or ev.gpu is None:
+            return
+        if m.allocated_gib is None or m.reserved_gib is None or m.nvml_gib is None:
+            log("calibration: NVML gave no reading for this process; no record written")
+            return
+        assert self.preset is not None
+        total = gpu.total_bytes()
+        try:
+            record = record_for(gpu=ev.gpu, total_gib=total / 1024**3 if total else self.preset.hardware.memory_gib,
+                                model=self.preset.model.id, knobs=self.preset.training, estimate=self.estimate,
+                                measured=MeasuredLevels(allocated_gib=m.allocated_gib, reserved_gib=m.reserved_gib,
+                                                        nvml_gib=m.nvml_gib))
+            log(f"calibration: record appended to {append_record(record)}")
+        except CannotWrite as e:
+            log(f"calibration: {e}")
 
     def _start_event(self, state: Any) -> StartEvent:
         """Called by EventsCallback when training begins: the knobs plus what they resolved to."""
@@ -247,6 +345,7 @@ class Worker:
                 "report_to": self.report, "eval_steps": trainer.args.eval_steps,
                 "save_steps": trainer.args.save_steps,
                 "cutoff_len": knobs.cutoff_len, "truncated": data.truncated, "dropped": data.dropped_no_target,
+                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             },
             "plan_peak_gib": self.preset.estimate.peak_gib if self.preset.estimate else None,
         })
@@ -255,7 +354,8 @@ class Worker:
                           device="cuda" if self.device.startswith("cuda") else "cpu", world_size=self.world,
                           versions=versions(), config=cfg, total_steps=state.max_steps,
                           start_step=state.global_step, resumed_from=str(ckpt) if ckpt else None,
-                          train_samples=len(data.train), eval_samples=len(data.eval), note=self.note)
+                          train_samples=len(data.train), eval_samples=len(data.eval), note=self.note,
+                          attempt=self.attempt)
 
     def _train(self) -> Any:
         ckpt = str(self.resume_ckpt) if self.resume_ckpt else None
@@ -269,8 +369,9 @@ class Worker:
     def _finish_stopped(self) -> int:
         """Stopped on request: the trainer saved a checkpoint at this step; save the adapter too."""
         step, ckpt = self.step, last_checkpoint(self.paths)
-        if self.is_main:
-            self.trainer.save_model(str(self.paths.adapter))
+        from tuiwiz.train.build import save_adapter
+
+        save_adapter(self.trainer, str(self.paths.adapter), is_main=self.is_main)  # every rank when sharded
         self.emit(StoppedEvent(step=step, graceful=True, adapter_path=str(self.paths.adapter),
                                checkpoint_path=str(ckpt) if ckpt else None))
         self.status(state="stopped", step=step, ended_at=time.time())
@@ -284,8 +385,10 @@ class Worker:
                 "eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
             trainer.evaluate()
         merged = None
+        from tuiwiz.train.build import save_adapter
+
+        save_adapter(trainer, str(self.paths.adapter), is_main=self.is_main)  # every rank when sharded
         if self.is_main:
-            trainer.save_model(str(self.paths.adapter))
             tokenizer.save_pretrained(str(self.paths.adapter))
             if self.merge:
                 merged = self._merge(tokenizer)
@@ -313,6 +416,22 @@ class Worker:
         self.status(state="stopped", ended_at=time.time())
         return 0
 
+    def _oom_fields(self, exc: BaseException) -> dict[str, Any]:
+        """The error event's OOM fields: whether it hit the probe step, the measured overshoot, and
+        the next plan corrected by it (what the step needed at least: this process's memory at
+        the failure, or the card's used memory, plus the allocation that did not fit)."""
+        from tuiwiz.train.classify import oom_sizes
+
+        assert self.preset is not None
+        sizes = oom_sizes(exc)
+        needed = None
+        if sizes is not None:
+            own = self.gpu.process_bytes() if self.gpu is not None else None
+            needed = (own + sizes.overshoot) if own is not None else (sizes.total - sizes.free + sizes.tried)
+        probe = self.phase == "train" and self.step is not None and self.step == self.start_step
+        return {"probe": probe, "overshoot_gib": round(sizes.overshoot / 1024**3, 3) if sizes else None,
+                "smaller_plan": next_knobs(self.preset, self.spec, needed)}
+
     def _peak_gib(self) -> float | None:
         if not self.device.startswith("cuda"):
             return None
@@ -330,14 +449,14 @@ class Worker:
         if self.writer is not None:
             self.writer.release_reserve()
         kind, message, suggestion = classify(exc, self.phase, run_dir=self.paths.root, disk_free=free)
-        smaller = None
-        if kind == "oom" and self.preset is not None:
-            smaller = _attempt("compute a smaller plan", smaller_knobs, self.preset)
         if self.step is None and self.trainer is not None:
             self.step = self.trainer.state.global_step
+        oom: dict[str, Any] = {}
+        if kind == "oom" and self.preset is not None:
+            oom = _attempt("re-plan after the OOM", self._oom_fields, exc) or {}
         _attempt("write the error event", self.emit, ErrorEvent(
             kind=kind, message=message, suggestion=suggestion, step=self.step,
-            peak_gib=_attempt("read the peak memory", self._peak_gib), smaller_plan=smaller))
+            peak_gib=_attempt("read the peak memory", self._peak_gib), **oom))
         _attempt("write status.json", self.status, state="failed", ended_at=time.time(), message=f"{kind}: {message}")
         _attempt("log the traceback", traceback.print_exception, exc)
         _attempt("log", log, f"FAILED ({kind}) during {self.phase}: {message}")

@@ -135,10 +135,10 @@ class MonitorScreen(Screen[None]):
     #: The wizard's step keys do nothing here (help lists only what works).
     HIDES_APP_ACTIONS = ("step", "goto")
     BINDINGS = [
-        Binding("s", "stop", "stop"),
-        Binding("r", "relaunch", "relaunch smaller"),
-        Binding("d", "detach", "detach"),
-        Binding("q", "quit_monitor", "quit"),
+        Binding("s", "stop", "stop", tooltip="stop the run (asks; a second stop kills it)"),
+        Binding("r", "relaunch", "relaunch smaller", tooltip="a new run with the smaller plan, after an out-of-memory error"),
+        Binding("d", "detach", "detach", tooltip="leave the monitor; the run goes on"),
+        Binding("q", "quit_monitor", "quit", tooltip="quit (asks; the run goes on)"),
     ]
 
     def __init__(self, paths: RunPaths, *, gpu_reader: GpuReader | None = None, poll_s: float = POLL_S) -> None:
@@ -149,7 +149,8 @@ class MonitorScreen(Screen[None]):
         self.poll_s = poll_s
         self.gpus: list[GpuInfo] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
-        self.live = True
+        #: whether a worker process is alive (None until the follower's first reading)
+        self.live: bool | None = None
         self._dirty = True
         self._stop_sent = False
         self._plot_key: tuple[int, int] = (-1, -1)
@@ -180,6 +181,8 @@ class MonitorScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "relaunch":  # a key only when there is a smaller plan to relaunch with
             return self.view.error is not None and bool(self.view.error.smaller_plan)
+        if action == "stop":  # and stop only while there is a run to stop
+            return self.live is not False
         return True
 
     # --- the follower thread -------------------------------------------------------------
@@ -234,6 +237,7 @@ class MonitorScreen(Screen[None]):
         if msg.live != self.live:
             self.live = msg.live
             self._dirty = True
+            self.refresh_bindings()
 
     # --- drawing -------------------------------------------------------------------------
     def _redraw_if_dirty(self) -> None:
@@ -242,7 +246,7 @@ class MonitorScreen(Screen[None]):
 
     def _state_text(self) -> str:
         v = self.view
-        if v.state == "running" and not self.live:
+        if v.state == "running" and self.live is False:
             return "stale"
         return v.state
 
@@ -256,7 +260,7 @@ class MonitorScreen(Screen[None]):
         if len(self.gpus) > 3:
             lines.append(f"... and {len(self.gpus) - 3} more GPUs")
         if not self.gpus:
-            lines[0] += "  (" + ("CPU run" if v.device == "cpu" else "no NVML: no GPU readings") + ")"
+            lines[0] += "  (" + ("CPU run" if v.device == "cpu" else "no GPU readings") + ")"
         return "\n".join(lines)
 
     def error_text(self) -> str:
@@ -317,7 +321,7 @@ class MonitorScreen(Screen[None]):
 
     # --- actions -------------------------------------------------------------------------
     def action_stop(self) -> None:
-        if not self.live:
+        if self.live is False:
             self.notify("the run is not running", severity="warning")
             return
         kill = self._stop_sent

@@ -97,6 +97,7 @@ class WizardScreen(Screen[None]):
             return  # not composed yet: on_mount draws it
         self.query_one(StepBar).show(self.STEP, self.state)
         self.sync_body()
+        self.refresh_bindings()  # keys that depend on the state (esc while profiling, space with NVML)
 
     def sync_body(self) -> None:
         pass

@@ -34,19 +34,19 @@ STATUS_STYLE = {"idle": "italic", "running": "", "done": "green", "approximate":
 TOKENIZER_AUTO_HINT = "auto (the model's own), or a folder with tokenizer.json"
 
 
-def stats_table(profile: LengthProfile, cutoff: int, micro_batch: int, packing: bool) -> Table:
+def stats_table(profile: LengthProfile, cutoff: int, micro_batch: int, batching: str) -> Table:
     """Length statistics beside what the chosen cutoff does to this data."""
     t = Table(box=None, padding=(0, 1), show_header=True, header_style="bold")
     t.add_column("tokens per sample", no_wrap=True)
     t.add_column("", justify="right", no_wrap=True)
     t.add_column(f"at cutoff {cutoff}", no_wrap=True)
     t.add_column("", justify="right", no_wrap=True)
-    at = profile.at_cutoff(cutoff, micro_batch, packing)
+    at = profile.at_cutoff(cutoff, micro_batch, batching)
     right = [
         ("truncated samples", f"{at.truncated} ({at.truncated_frac:.1%})"),
         ("trained tokens lost", f"{at.trained_tokens_lost} ({at.trained_lost_frac:.1%})"),
         ("tokens kept", f"{at.tokens_kept:,}"),
-        ("sequences", f"{at.sequences:,}" + (" packed" if packing else "")),
+        ("sequences", f"{at.sequences:,}" + (" packed" if batching == "packed" else "")),
         ("efficiency", f"{at.efficiency:.0%} (micro-batch {micro_batch})"),
         ("padding waste", f"{at.padding_waste:.0%}"),
         ("suggested cutoff", f"{profile.suggested_cutoff} (p{profile.percentile:g})"),
@@ -78,9 +78,9 @@ class DatasetScreen(WizardScreen):
     STEP = "dataset"
     AUTO_FOCUS = ""  # on_mount decides: the tabs, or the file field when there is no dataset yet
     BINDINGS = [
-        Binding("ctrl+o", "browse", "browse"),
-        Binding("escape", "cancel", "cancel profiling"),
-        Binding("ctrl+r", "reprofile", "re-profile"),
+        Binding("ctrl+o", "browse", "browse", tooltip="pick the dataset file from a folder tree"),
+        Binding("escape", "cancel", "cancel profiling", tooltip="stop counting (the plan keeps the cutoff you set)"),
+        Binding("ctrl+r", "reprofile", "re-profile", tooltip="count the dataset again"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -154,7 +154,6 @@ class DatasetScreen(WizardScreen):
             self.show_progress()
         else:
             self.query_one("#ds-status", Static).update(self._status_text(st.profile_status))
-            self.refresh_bindings()
         self._draw_profile()
         self._draw_preview()
 
@@ -197,7 +196,7 @@ class DatasetScreen(WizardScreen):
         marks = {"p95": (prof.value_at(95), "yellow"), "p99": (prof.value_at(99), "magenta"),
                  "cutoff": (k.cutoff_len, "bold red")}
         hist.update(histogram(counts, edges, marks, width=width, height=height))
-        stats.update(stats_table(prof, k.cutoff_len, k.micro_batch_size, k.packing))
+        stats.update(stats_table(prof, k.cutoff_len, k.micro_batch_size, k.batching))
         key = (id(prof), k.cutoff_len)
         if key != self._longest_key:
             self._longest_key = key

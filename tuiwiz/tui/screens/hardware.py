@@ -31,7 +31,8 @@ def _fmt(v: float | None, unit: str) -> str:
 class HardwareScreen(WizardScreen):
     STEP = "hardware"
     AUTO_FOCUS = "#gpus"
-    BINDINGS = [Binding("space", "toggle", "use GPU"), Binding("g", "pick_card", "card")]
+    BINDINGS = [Binding("space", "toggle", "use GPU", tooltip="use the GPU under the cursor, or not"),
+                Binding("g", "pick_card", "card", tooltip="plan for a catalog card instead of this machine")]
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="hw-note")
@@ -92,6 +93,11 @@ class HardwareScreen(WizardScreen):
         if value in key and select.value != value:
             with self.prevent(Select.Changed):
                 select.value = value
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "toggle":  # choosing GPUs is for this machine's own, seen through NVML
+            return self.state.nvml and not self.state.request.gpu
+        return True
 
     def action_toggle(self) -> None:
         st = self.state

@@ -43,7 +43,15 @@ def _compress(keys: list[str]) -> str:
     return " ".join(out)
 
 
-def binding_rows(bindings: list[BindingType], hide: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+def _what(b: Binding, named: bool) -> str:
+    """What a key does: its tooltip, led by the key bar's word for it when `named` (`export: write...`)."""
+    what = b.tooltip or b.description or b.action
+    if named and b.tooltip and b.description and b.description.lower() not in b.tooltip.lower():
+        what = f"{b.description}: {b.tooltip}"
+    return what
+
+
+def binding_rows(bindings: list[BindingType], hide: tuple[str, ...] = (), named: bool = False) -> list[tuple[str, str]]:
     """(keys, what they do) per thing done (bindings that say the same are one row), keys that
     never type first, then the plain ones."""
     rows: dict[str, tuple[list[str], list[str], str]] = {}
@@ -51,7 +59,7 @@ def binding_rows(bindings: list[BindingType], hide: tuple[str, ...] = ()) -> lis
         base = b.action.split("(")[0]
         if base in hide or b.system:
             continue
-        what = b.tooltip or b.description or base
+        what = _what(b, named)
         any_key, plain, _ = rows.setdefault(what, ([], [], what))
         (plain if len(key_label(b.key)) == 1 else any_key).append(key_label(b.key))
     out = []
@@ -67,7 +75,7 @@ def help_table(screen: Screen[object]) -> Table:
     t.add_column(ratio=1)
     title = getattr(screen, "STEP", None) or getattr(screen, "HELP_TITLE", screen.__class__.__name__)
     t.add_row(Text(f"{title.title()}", style="bold underline"), "")
-    for keys, what in binding_rows(list(getattr(screen, "BINDINGS", []))):
+    for keys, what in binding_rows(list(getattr(screen, "BINDINGS", [])), named=True):
         t.add_row(keys, what)
     t.add_row("", "")
     t.add_row(Text("Everywhere", style="bold underline"), "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from rich.text import Text
 from textual import on
@@ -87,14 +88,15 @@ class ExportScreen(ModalScreen[ExportChoice | None]):
     def __init__(self, fmt: str = "preset", directory: Path | None = None) -> None:
         super().__init__(classes="dialog-screen")
         self.fmt = fmt
-        self.directory = directory or Path.cwd()
+        self.directory = directory  # None: a name relative to the folder tuiwiz was started in
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Export the plan", classes="dialog-title")
             yield Select(EXPORT_FORMATS, value=self.fmt, allow_blank=False, id="export-format", compact=True)
             yield Label("Path (Enter writes; asks before replacing a file):")
-            yield Input(str(self.directory / DEFAULT_NAMES[self.fmt]), id="export-path", compact=True)
+            name = DEFAULT_NAMES[self.fmt]
+            yield Input(str(self.directory / name) if self.directory else name, id="export-path", compact=True)
             with Horizontal(classes="buttons"):
                 yield Button("Write", id="write", variant="success")
                 yield Button("Cancel", id="cancel")
@@ -153,19 +155,27 @@ class TextScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+class DatasetTree(DirectoryTree):
+    """A folder tree without hidden files and caches: nothing there is a dataset."""
+
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return [p for p in paths if not p.name.startswith((".", "__pycache__"))]
+
+
 class FileBrowser(ModalScreen[str | None]):
-    """A directory tree for picking a dataset file (folders load in the tree's own workers)."""
+    """A directory tree for picking a dataset file (folders load in the tree's own workers).
+    `start` is shown as given (a relative folder stays relative)."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("backspace", "up", "parent folder")]
 
     def __init__(self, start: Path) -> None:
         super().__init__(classes="dialog-screen")
-        self.start = start.resolve()
+        self.start = start
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog tall"):
             yield Label("Choose a dataset file (Enter opens/picks, Backspace goes up)", classes="dialog-title")
-            yield DirectoryTree(self.start, id="browser")
+            yield DatasetTree(self.start, id="browser")
 
     def on_mount(self) -> None:
         self.query_one(DirectoryTree).focus()

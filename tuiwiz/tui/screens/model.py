@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.suggester import SuggestFromList
-from textual.widgets import Input, Label, OptionList, Static
+from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from tuiwiz.tui.screens.base import WizardScreen
@@ -45,8 +45,7 @@ class ModelScreen(WizardScreen):
     BINDINGS = [Binding("slash", "focus_input", "type an id or path")]
 
     def compose_body(self) -> ComposeResult:
-        yield Label("Hub id, model folder or config.json. Enter looks it up, → completes.",
-                    id="model-help")
+        yield Static("Hub id, model folder or config.json. Enter looks it up, → completes.", id="model-help")
         yield Input(id="model-input", placeholder="e.g. Qwen/Qwen2.5-7B-Instruct or ./my-model", compact=True)
         with Horizontal(id="model-row"):
             yield OptionList(id="model-choices")

@@ -36,6 +36,8 @@ EFFECTIVE = "effective_batch"
 #: The knob panel's rows: every TUI knob, with the effective batch (a request field) after accumulation.
 ROWS: tuple[str, ...] = tuple(
     name for k in KNOBS if k.tui for name in ((k.name, EFFECTIVE) if k.name == "grad_accum" else (k.name,)))
+#: Knobs the advisor sets from the dataset's token lengths: blank while those are still counted.
+FROM_DATA = frozenset({"cutoff_len", "micro_batch_size", "grad_accum", EFFECTIVE, "grad_checkpointing"})
 #: Where the Dataset step is, for words that send the user there.
 DATASET_STEP = "the Dataset step (F4)"
 
@@ -49,7 +51,8 @@ def knob_widget(name: str) -> Widget:
     """The editor for one row: a Select for switches, choices and targets, an Input for numbers."""
     info = KNOB_BY_NAME.get(name)
     if info is not None and info.kind in ("switch", "choice", "targets"):
-        return Select(select_options(info), id=f"k-{name}", allow_blank=False, compact=True)
+        # blank ("…") only while a knob waits for the dataset's profile; the user cannot pick it
+        return Select(select_options(info), id=f"k-{name}", allow_blank=True, prompt="…", compact=True)
     kind = "integer" if info is None or info.kind == "int" else "number"
     return Input(id=f"k-{name}", type="text" if info is not None and info.optional else kind, compact=True,
                  select_on_focus=False)
@@ -73,10 +76,10 @@ class PlanScreen(WizardScreen):
     STEP = "plan"
     AUTO_FOCUS = "#why"
     BINDINGS = [
-        Binding("ctrl+s", "export", "export"),
-        Binding("ctrl+g", "command", "command"),
-        Binding("ctrl+l", "launch", "launch"),
-        Binding("ctrl+r", "release", "auto all"),
+        Binding("ctrl+s", "export", "export", tooltip="write the plan as a preset or a trainer's config"),
+        Binding("ctrl+g", "command", "command", tooltip="the same plan as a tuiwiz --auto command"),
+        Binding("ctrl+l", "launch", "launch", tooltip="start the run (asks first); the monitor follows it"),
+        Binding("ctrl+r", "release", "auto all", tooltip="let the advisor choose every knob again"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -161,7 +164,7 @@ class PlanScreen(WizardScreen):
         return out
 
     def _fill_knobs(self, plan: Plan) -> None:
-        """Show the plan's knobs; while it is provisional, the ones the advisor picks stay blank."""
+        """Show the plan's knobs; while it is provisional, the ones the data decides stay blank."""
         k, req = plan.knobs, plan.request
         provisional = self.state.provisional
         editing = self._editing if self.focused is not None and self.focused.id == self._editing else None
@@ -175,11 +178,15 @@ class PlanScreen(WizardScreen):
                 widget = self.query_one(f"#k-{name}")
                 if widget.id == editing:
                     continue  # never rewrite what the user is typing
+                waiting = provisional and not held and name in FROM_DATA
                 if isinstance(widget, Select):
-                    self._show_choice(widget, name, value)
+                    if waiting:
+                        widget.clear()
+                    else:
+                        self._show_choice(widget, name, value)
                 elif isinstance(widget, Input):
-                    text = "" if provisional and not held else format_knob(name, value)
-                    widget.placeholder = "…" if provisional and not held else ""
+                    text = "" if waiting else format_knob(name, value)
+                    widget.placeholder = "…" if waiting else ""
                     if widget.value != text:
                         widget.value = text
 
@@ -230,7 +237,10 @@ class PlanScreen(WizardScreen):
     @on(Select.Changed)
     def _select_changed(self, event: Select.Changed) -> None:
         name = (event.select.id or "").removeprefix("k-")
-        if name not in ROWS or isinstance(event.value, NoSelection) or not event.select.has_focus_within:
+        if name not in ROWS or not event.select.has_focus_within:
+            return
+        if isinstance(event.value, NoSelection):  # "…" is not a choice: show the plan's value again
+            self.sync_body()
             return
         value = event.value
         if isinstance(value, str) and KNOB_BY_NAME[name].kind == "targets":
