@@ -12,7 +12,7 @@ first alternating), so load from anything else on the machine weighs on both ali
   double quantization (bitsandbytes' CPU 4-bit path). Its vocabulary is cut to `--vocab` too:
   token ids are folded modulo it, so lengths stay what the real tokenizer makes while the head does
   not dwarf the layers the way a 128k vocabulary would at this width.
-- **the data**: `--samples` of GSM8K (a seeded draw), rendered with Llama 3.1's chat template and
+- **the data**: `--steps` x 16 GSM8K samples (a seeded draw), rendered with Llama 3.1's chat template and
   tokenized by the real llama3 tokenizer, by tuiwiz's own encoder (what the worker trains on).
 - **classic**: trl's SFTTrainer as the QLoRA tutorials set it up: nf4, peft's k-bit preparation with
   gradient checkpointing (its default), paged 8-bit AdamW, every sample padded to max_seq_length,
@@ -359,7 +359,8 @@ def child(which: str, work: Path, result: Path, threads: int) -> None:
     tok.pad_token = tok.convert_ids_to_tokens(0)  # ids are folded into the small vocabulary; 0 is in it
     out = work / f"out-{which}"
     rows = setup["rows"]
-    trainer = (_classic_trainer(work / "model", tok, rows, knobs, out, setup["seed"]) if which == "classic"
+    torch.manual_seed(knobs.seed)  # the same LoRA initialisation in both
+    trainer = (_classic_trainer(work / "model", tok, rows, knobs, out, knobs.seed) if which == "classic"
                else _tuiwiz_trainer(work / "model", tok, rows, knobs, out))
     counter = _Counter(trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter

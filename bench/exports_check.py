@@ -79,6 +79,19 @@ def _count(ds: Any, decode: Any) -> dict[str, int]:
     return out
 
 
+def _stub_torchaudio(out: dict[str, Any]) -> None:
+    """LLaMA-Factory's data package imports torchaudio at the top of data/mm_plugin.py and calls
+    it only for audio. PyPI has no torchaudio for the CPU torch here (2.11.1 is the newest, and its
+    library does not load against torch 2.13), so an empty module stands in; text never reaches it."""
+    import types
+
+    try:
+        import torchaudio  # noqa: F401
+    except (ImportError, OSError):
+        sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+        out["stubbed"] = "torchaudio"
+
+
 def _child_llamafactory(job: dict[str, Any]) -> dict[str, Any]:
     import yaml
     from llamafactory.hparams import get_train_args
@@ -94,6 +107,7 @@ def _child_llamafactory(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"parsed": True, "stage": finetuning_args.stage,
                            "liger": bool(model_args.enable_liger_kernel), "added": ["use_cpu: true"]}
     if job["load_data"]:
+        _stub_torchaudio(out)
         from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
         from llamafactory.model import load_tokenizer
 
@@ -110,24 +124,21 @@ def _child_llamafactory(job: dict[str, Any]) -> dict[str, Any]:
 def _child_axolotl(job: dict[str, Any]) -> dict[str, Any]:
     import logging
 
+    from axolotl.cli.config import load_cfg  # configures axolotl's loggers first
+
     warnings: list[str] = []
 
     class Catch(logging.Handler):
+        """Axolotl logs its deprecations (`sdp_attention: true` is deprecated ...) as warnings."""
+
         def emit(self, record: logging.LogRecord) -> None:
             msg = record.getMessage()
-            if "deprecat" in msg.lower():
+            if "deprecat" in msg.lower() and record.name.startswith("axolotl"):
                 warnings.append(msg[:200])
 
-    logging.getLogger().addHandler(Catch())
-    import warnings as pywarnings
-
-    from axolotl.cli.config import load_cfg
-
-    with pywarnings.catch_warnings(record=True) as caught:
-        pywarnings.simplefilter("always")
-        cfg = load_cfg(job["path"])
-    warnings += [str(w.message)[:200] for w in caught if "deprecat" in str(w.message).lower()
-                 and "axolotl" in str(w.filename)]
+    for name in ("axolotl", ""):
+        logging.getLogger(name).addHandler(Catch())
+    cfg = load_cfg(job["path"])
     out: dict[str, Any] = {"parsed": True, "deprecations": warnings,
                            "liger_flce": bool(cfg.get("liger_fused_linear_cross_entropy"))}
     if job["load_data"]:

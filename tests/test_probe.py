@@ -4,7 +4,6 @@ Trainer's seeded shuffle, and the `memory` event puts the measurement next to th
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -183,6 +182,7 @@ def test_the_view_keeps_the_memory_event_and_a_fresh_replan_starts_a_new_curve()
                            ErrorEvent(kind="oom", message="m", suggestion="s", step=1, smaller_plan={"a": 1}),
                            ReplanEvent(attempt=2, knobs={}, changed={"micro_batch_size": [2, 1]})])
     assert view.attempt == 2 and view.train_curve == [] and view.memory is None and view.step == 0
+    assert parse_event(view.replans[0].model_dump_json(exclude_none=True)) == view.replans[0]
     view.apply(start.model_copy(update={"attempt": 2}))
     assert view.state == "running" and view.error is None and view.attempt == 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shlex
 import threading
 from dataclasses import dataclass
@@ -597,3 +598,28 @@ async def test_the_key_bar_keeps_help_and_quit_and_cuts_no_entry(width: int):
             assert visible == entries[: len(visible)]  # whole entries, most needed first
             if width == 80:
                 assert visible == entries, app.current_mode  # at the design size, every key fits
+
+
+def test_the_help_names_every_key_of_every_screen():
+    from tuiwiz.tui.app import WIZARD_BINDINGS
+    from tuiwiz.tui.keybar import key_label
+    from tuiwiz.tui.monitor import MonitorApp, MonitorScreen
+    from tuiwiz.tui.screens.dataset import DatasetScreen
+    from tuiwiz.tui.screens.hardware import HardwareScreen
+    from tuiwiz.tui.screens.help import binding_rows
+    from tuiwiz.tui.screens.model import ModelScreen
+    from tuiwiz.tui.screens.plan import PlanScreen
+    from textual.binding import Binding
+
+    for bindings in (WIZARD_BINDINGS, MonitorApp.BINDINGS, *(s.BINDINGS for s in (
+            HardwareScreen, ModelScreen, DatasetScreen, PlanScreen, MonitorScreen))):
+        rows = binding_rows(bindings, named=True)
+        assert all(keys and what for keys, what in rows)
+        shown = set()
+        for keys, _ in rows:
+            for key in keys.replace(" / ", " ").split():
+                if m := re.fullmatch(r"(F?)(\d+)-F?(\d+)", key):  # a range: F2-F5, 1-4
+                    shown |= {f"{m[1]}{i}" for i in range(int(m[2]), int(m[3]) + 1)}
+                else:
+                    shown.add(key)
+        assert {key_label(b.key) for b in Binding.make_bindings(bindings)} <= shown, rows

@@ -264,7 +264,7 @@ def data_facts(ds: DatasetRef) -> DataFacts:
             pairs = pairs or any(isinstance(rec.data.get(cols[k]), list) for k in ("prompt", "completion"))
     rows = tool_rows = calls = no_system = broken = 0
     try:
-        for s in iter_conversations(ds, report=ReadReport()):
+        for s in iter_conversations(ds.model_copy(update={"system_prompt": None}), report=ReadReport()):
             rows += 1
             msgs = s.messages or []
             tool_rows += bool(s.tools)

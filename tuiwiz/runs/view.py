@@ -39,7 +39,8 @@ class RunView:
     mem_allocated_gib: float | None = None
     mem_reserved_gib: float | None = None
     mem_peak_gib: float | None = None
-    plan_peak_gib: float | None = None
+    plan_peak_gib: float | None = None  # the plan's driver-level peak: compare with NVML, never with torch's
+    plan_allocated_gib: float | None = None  # the plan's allocated: compare with torch's mem_peak_gib
     state: RunState = "waiting"
     note: str = ""
     error: ErrorEvent | None = None
@@ -83,6 +84,7 @@ class RunView:
         self.run_id, self.device, self.total_steps = ev.run_id, ev.device, ev.total_steps
         self.step = max(self.step, ev.start_step) if not ev.resumed_from else ev.start_step
         self.plan_peak_gib = ev.config.get("plan_peak_gib", self.plan_peak_gib)
+        self.plan_allocated_gib = ev.config.get("plan_allocated_gib", self.plan_allocated_gib)
         self.state, self.error, self.note = "running", None, ev.note or ""
         self.attempt = ev.attempt
         if ev.resumed_from:

@@ -228,7 +228,6 @@ class Worker:
         import torch
 
         from tuiwiz.train import build
-
         from tuiwiz.train.probe import GpuMeter
 
         self.device = device = build.resolve_device()
@@ -347,7 +346,8 @@ class Worker:
                 "cutoff_len": knobs.cutoff_len, "truncated": data.truncated, "dropped": data.dropped_no_target,
                 "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             },
-            "plan_peak_gib": self.preset.estimate.peak_gib if self.preset.estimate else None,
+            "plan_peak_gib": self.preset.estimate.peak_gib if self.preset.estimate else None,  # driver level
+            "plan_allocated_gib": self.preset.estimate.allocated_gib if self.preset.estimate else None,  # torch's
         })
         ckpt = self.resume_ckpt
         return StartEvent(run_id=self.paths.run_id, pid=os.getpid(),

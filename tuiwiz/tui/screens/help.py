@@ -64,8 +64,7 @@ def binding_rows(bindings: list[BindingType], hide: tuple[str, ...] = (), named:
         (plain if len(key_label(b.key)) == 1 else any_key).append(key_label(b.key))
     out = []
     for any_key, plain, what in rows.values():
-        keys = _compress(any_key) + (" / " + _compress(plain) if plain else "")
-        out.append((keys.strip(" /"), what))
+        out.append((" / ".join(k for k in (_compress(any_key), _compress(plain)) if k), what))
     return out
 
 
