@@ -2,7 +2,7 @@
 
 NVML is read directly (`pynvml`, from the `nvidia-ml-py` package) because it is fast and
 does not create a CUDA context; torch is never imported here. Without a driver or GPU we
-say so in one line and plan for a card from `GPU_CATALOG` (`--gpu NAME` or `--gpu 24GB`).
+say so in one line and plan for a card from `GPU_CATALOG` (by name, or a size such as 24GB).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class HardwareInventory:
     source: str  # "nvml" | "catalog"
     driver_version: str | None = None
     cuda_version: str | None = None
-    note: str | None = None  # why we fell back to the catalog, in one line
+    note: str | None = None  # why we fell back to the catalog and what it plans for, in one line
+    nvml_problem: str | None = None  # why NVML gave no GPUs (None when it did, or was not asked)
 
     def selected(self, indices: list[int] | None) -> tuple[GpuInfo, ...]:
         if not indices:
@@ -229,11 +230,13 @@ def detect_hardware(gpu: str | None = None, gpu_count: int = 1, disk_path: str |
         gpus, driver, cuda = _read_nvml()
     except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError...
         card = catalog_gpu(DEFAULT_CATALOG_GPU)
+        reason = nvml_unavailable_reason(exc)
         return HardwareInventory(gpus_from_catalog(card, gpu_count), host, "catalog",
-                                 note=nvml_unavailable_reason(exc) + f" Using {card.name} ({card.published_gb} GB); "
-                                 "name another card or a size (24GB) to plan for.")
+                                 note=reason + f" Using {card.name} ({card.published_gb} GB); "
+                                 "name another card or a size (24GB) to plan for.", nvml_problem=reason)
     if not gpus:
         card = catalog_gpu(DEFAULT_CATALOG_GPU)
         return HardwareInventory(gpus_from_catalog(card, gpu_count), host, "catalog",
-                                 note=f"NVML reports no GPUs: planning for {card.name}; name another card to plan for.")
+                                 note=f"NVML reports no GPUs: planning for {card.name}; name another card to plan for.",
+                                 nvml_problem="NVML reports no GPUs.")
     return HardwareInventory(gpus, host, "nvml", driver, cuda)

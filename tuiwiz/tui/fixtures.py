@@ -33,7 +33,8 @@ def no_nvml() -> HardwareInventory:
     return HardwareInventory(
         gpus_from_catalog(card, 1), HOST, "catalog",
         note="NVML not available (no NVIDIA driver library on this machine): planning for a catalog GPU. "
-             f"Using {card.name} ({card.published_gb} GB); pick another with --gpu NAME or --gpu 24GB.")
+             f"Using {card.name} ({card.published_gb} GB); name another card or a size (24GB) to plan for.",
+        nvml_problem="NVML not available (no NVIDIA driver library on this machine): planning for a catalog GPU.")
 
 
 # ---- a run to monitor: fixed events and log lines (snapshots and screenshots) ----------------------

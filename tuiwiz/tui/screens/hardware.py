@@ -66,8 +66,8 @@ class HardwareScreen(WizardScreen):
             note.update(Text.assemble(("NVML ", "bold green"), f"{len(hw.gpus)} GPU(s), {extra}; {live}.\n",
                                       "Space/Enter: use a GPU or not. g: plan for a catalog card instead."))
         else:
-            note.update(Text.assemble(("No NVML: ", "bold yellow"), (hw.note or "planning for a catalog GPU.")
-                                      .split(" Using ")[0], " Choose the card to plan for below (g)."))
+            note.update(Text.assemble(("No NVML: ", "bold yellow"), hw.nvml_problem or "planning for a catalog GPU.",
+                                      " Choose the card to plan for below (g)."))
         plan_hw = st.plan_hardware()
         chosen = set(st.selected_indices())
         table = self.query_one("#gpus", DataTable)
