@@ -139,7 +139,7 @@ def _child_axolotl(job: dict[str, Any]) -> dict[str, Any]:
     for name in ("axolotl", ""):
         logging.getLogger(name).addHandler(Catch())
     cfg = load_cfg(job["path"])
-    out: dict[str, Any] = {"parsed": True, "deprecations": warnings,
+    out: dict[str, Any] = {"parsed": True, "deprecations": sorted(set(warnings)),
                            "liger_flce": bool(cfg.get("liger_fused_linear_cross_entropy"))}
     if job["load_data"]:
         from axolotl.cli.args import PreprocessCliArgs
@@ -349,6 +349,15 @@ def report(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], versi
         + ".",
         f"Wall time {seconds / 60:.1f} min.",
         "",
+        "What ran: each consumer's config parser on every file, and for the dataset plans its dataset loader",
+        "and tokenizer (train + validation split, as the plan sets it). What did not: loading model weights,",
+        "bitsandbytes, Liger or a training step (no GPU here). Two changes to the environment, none to the files:",
+        "LLaMA-Factory gets `use_cpu: true` added before parsing (transformers refuses bf16 without a GPU), and",
+        "an empty `torchaudio` module (PyPI has no torchaudio for this CPU torch; LLaMA-Factory imports it at the",
+        "top of data/mm_plugin.py and calls it only for audio). PyPI's torchvision is removed from the",
+        "LLaMA-Factory venv for the same reason. Mistral's tokenizer is not in shared/, so its preset folder",
+        "borrows Llama 3's (presets are only parsed, never tokenized).",
+        "",
         "## Shipped presets: parsed by `get_train_args` (LLaMA-Factory) and `load_cfg` (Axolotl)",
         "",
         "| preset | trainer | parsed | tuiwiz's estimate for that trainer (export header) | notes |",
@@ -417,7 +426,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "exports_check.md").write_text(report(jobs, results, versions, seconds))
     (RESULTS / "exports_check.json").write_text(json.dumps(
-        {"versions": versions, "jobs": [{**j, "result": results.get(j["id"])} for j in jobs]}, indent=1))
+        {"versions": versions, "seconds": round(seconds), "jobs": [{**j, "result": results.get(j["id"])} for j in jobs]},
+        indent=1))
     bad = [j["id"] for j in jobs if "path" in j and not results.get(j["id"], {}).get("parsed")]
     print(f"wrote {RESULTS / 'exports_check.md'}; work files in {work} (consumer log: {log})")
     if bad:

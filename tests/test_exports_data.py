@@ -149,13 +149,15 @@ def test_system_column_of_chat_rows_is_listed_for_llamafactory(tmp_path):
 # --------------------------------------------------------------------------- the model's chat template
 
 
-def test_axolotl_instruction_prompt_is_the_models_chat_template(tmp_path, shared_data):
-    """Axolotl's user-defined prompt, filled with a row, is the text tuiwiz renders for that row."""
+@pytest.mark.parametrize("tokenizer", ["qwen2.5", "qwen3", "llama3"])
+def test_axolotl_instruction_prompt_is_the_models_chat_template(tmp_path, shared_data, tokenizer):
+    """Axolotl's user-defined prompt, filled with a row, is the text tuiwiz renders for that row
+    (Qwen3's empty think block included; Llama 3's BOS left to the tokenizer)."""
     from tuiwiz.data import load_tokenizer, render_sample
     from tuiwiz.data.layouts import iter_conversations
     from tuiwiz.preset import DatasetRef
 
-    tok_dir = shared_data / "tokenizers" / "qwen2.5"
+    tok_dir = shared_data / "tokenizers" / tokenizer
     path = _jsonl(tmp_path / "a.jsonl", [{"instruction": "Add {x} and 2", "input": "x=1", "output": "3"},
                                          {"instruction": "Say hi", "input": "", "output": "hi"}])
     preset = _preset({"path": path, "system_prompt": "Be brief."}, tokenizer=str(tok_dir))
@@ -166,6 +168,10 @@ def test_axolotl_instruction_prompt_is_the_models_chat_template(tmp_path, shared
         ours = render_sample(sample, tok).text
         prompt = (fmt["format"].format(instruction=instr, input=inp) if inp
                   else fmt["no_input_format"].format(instruction=instr))
+        bos = tok.special.get("bos_token") or ""
+        if tokenizer == "llama3":  # the tokenizer adds <|begin_of_text|> itself: not in the format
+            assert not prompt.startswith(bos) and ours.startswith(bos)
+            ours = ours[len(bos):]
         assert ours.startswith(prompt + sample.messages[-1]["content"]), (prompt, ours)
         assert "### Instruction" not in prompt
 

@@ -568,22 +568,26 @@ def _chat_template_choice(preset: Preset) -> tuple[dict[str, Any], Any]:
     return {"chat_template": "jinja", "chat_template_jinja": DEFAULT_CHAT_TEMPLATE}, tok
 
 
-_INSTR = "\x00tuiwiz-instruction\x00"
+_INSTR, _REPLY = "\x00tuiwiz-instruction\x00", "\x00tuiwiz-reply\x00"
 
 
 def _prompt_format(preset: Preset, tok: Any, system: str | None) -> str:
     """The prompt tuiwiz renders for an instruction row, with `{instruction}` where the user's
-    text goes: the model's chat template (or tuiwiz's default) up to the reply, for Axolotl's
-    user-defined prompt type. A leading BOS is dropped when the tokenizer adds its own."""
-    from tuiwiz.data.encode import template_for
+    text goes: the model's chat template (or tuiwiz's default) over the whole row, up to where
+    the reply's text starts (so a template's empty think block stays in the prompt, as in
+    tuiwiz's encoding), for Axolotl's user-defined prompt type. A leading BOS is dropped when
+    the tokenizer adds its own."""
     from tuiwiz.data.chat_template import render
+    from tuiwiz.data.encode import template_for
 
     if tok is None:
         from tuiwiz.data import HeuristicTokenizer
 
         tok = HeuristicTokenizer()
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": _INSTR}]
-    text = render(template_for(tok), msgs, tools=None, special=tok.special, add_generation_prompt=True)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": _INSTR}, {"role": "assistant", "content": _REPLY}]
+    text = render(template_for(tok), msgs, tools=None, special=tok.special)
+    text = text[:text.index(_REPLY)]
     bos = tok.special.get("bos_token")
     if isinstance(bos, str) and bos and text.startswith(bos) and _adds_bos(tok):
         text = text[len(bos):]
@@ -612,9 +616,9 @@ def _ax_prompt_entry(preset: Preset, ds: DatasetRef, facts: DataFacts, entry: di
         raise _refuse("Axolotl", ds, "its prompt/completion values are message lists; convert it to messages")
     if facts.layout == "alpaca":
         fmt = _prompt_format(preset, tok, ds.system_prompt)
+        with_input = fmt.replace("{instruction}", "{instruction}\n{input}")  # tuiwiz joins them so
         entry["type"] = {"field_instruction": cols["instruction"], "field_input": cols["input"],
-                         "field_output": cols["output"], "format": fmt.replace("{instruction}", "{instruction}\n{input}"),
-                         "no_input_format": fmt}
+                         "field_output": cols["output"], "format": with_input, "no_input_format": fmt}
         return ["Instruction rows in the model's chat template, as tuiwiz renders them (Axolotl's user-defined"
                 " prompt; the reply ends with the tokenizer's EOS token)."]
     entry["type"] = {"field_instruction": cols["prompt"], "field_output": cols["completion"],
