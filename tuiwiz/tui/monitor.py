@@ -28,7 +28,7 @@ from textual_plotext import PlotextPlot
 
 from tuiwiz.runs.events import Event, EventFollower
 from tuiwiz.runs.paths import RunPaths
-from tuiwiz.runs.view import RunView
+from tuiwiz.runs.view import RunView, memory_summary
 from tuiwiz.tui.base_app import BaseApp
 from tuiwiz.tui.keybar import KeyBar
 from tuiwiz.tui.screens.modals import ConfirmScreen
@@ -118,12 +118,16 @@ def _default_gpu_reader() -> list[GpuInfo]:
 
 
 def memory_line(v: RunView) -> str:
-    """`plan peak 10.00 GiB  run peak 11.00 GiB (+10% vs plan)`: the estimate beside the measurement."""
+    """The measurement beside the estimate at the same level: the `memory` event's levels when the
+    worker wrote one, else torch's allocated peak against the plan's allocated."""
+    if v.memory is not None:
+        head, levels = memory_summary(v.memory)
+        return f"{head}: {levels}"
     out = f"plan peak {v.plan_peak_gib:.2f} GiB" if v.plan_peak_gib is not None else "no plan estimate"
     if v.mem_peak_gib is not None:
-        out += f"  run peak {v.mem_peak_gib:.2f} GiB"
-        if v.plan_peak_gib:
-            out += f" ({(v.mem_peak_gib / v.plan_peak_gib - 1) * 100:+.0f}% vs plan)"
+        out += f"  allocated {v.mem_peak_gib:.2f} GiB"
+        if v.plan_allocated_gib:
+            out += f" ({(v.mem_peak_gib / v.plan_allocated_gib - 1) * 100:+.0f}% vs plan's allocated)"
     return out
 
 
@@ -136,7 +140,7 @@ class MonitorScreen(Screen[None]):
     HIDES_APP_ACTIONS = ("step", "goto")
     BINDINGS = [
         Binding("s", "stop", "stop", tooltip="stop the run (asks; a second stop kills it)"),
-        Binding("r", "relaunch", "relaunch smaller", tooltip="a new run with the smaller plan, after an out-of-memory error"),
+        Binding("r", "relaunch", "relaunch smaller", tooltip="this run again with the smaller plan, after an out-of-memory error"),
         Binding("d", "detach", "detach", tooltip="leave the monitor; the run goes on"),
         Binding("q", "quit_monitor", "quit", tooltip="quit (asks; the run goes on)"),
     ]
@@ -350,24 +354,20 @@ class MonitorScreen(Screen[None]):
         if err is None or not err.smaller_plan:
             self.notify("relaunch is offered after an out-of-memory error", severity="warning")
             return
-        knobs = dict(err.smaller_plan)
 
         def done(ok: bool | None) -> None:
             if ok:
-                self._relaunch(knobs)
+                self._relaunch()
 
-        self.app.push_screen(ConfirmScreen("Relaunch as a new run with the smaller plan?", yes="Relaunch"), done)
+        self.app.push_screen(ConfirmScreen("Relaunch this run with the smaller plan (same effective batch)?",
+                                           yes="Relaunch"), done)
 
     @work(thread=True, exclusive=True, group="relaunch", exit_on_error=False)
-    def _relaunch(self, knobs: dict[str, Any]) -> None:
-        """Off the UI thread: reading the preset and starting a process both touch the disk."""
-        from tuiwiz.planning.knobs import knobs_from
-        from tuiwiz.preset import load_preset
-        from tuiwiz.runs.launcher import launch
+    def _relaunch(self) -> None:
+        """Off the UI thread: the same re-plan `tuiwiz launch --auto-replan` makes, in the same run."""
+        from tuiwiz.runs.replan import relaunch_with_next_plan
 
-        preset = load_preset(self.paths.preset)
-        new = preset.model_copy(update={"training": knobs_from(knobs), "estimate": None})
-        self.post_message(Relaunched(launch(new, self.paths.root.parent)))
+        self.post_message(Relaunched(relaunch_with_next_plan(self.paths)))
 
     @on(Relaunched)
     def _relaunched(self, msg: Relaunched) -> None:
