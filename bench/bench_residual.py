@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/bench_residual.py --out bench/results/residual
 
-For each `residual` value the same tiny NF4 model (the catalog's Llama-3.1-8B architecture cut to 2
-layers of width 256, random init), built by the worker's own `build_model` / `build_trainer`:
+For each `residual` value the same tiny NF4 Llama (tests/tiny_model.py: 2 layers, width 128, its
+own byte-level BPE tokenizer and a learnable alpaca-style corpus), built and fed by the worker's own
+`build_model` / `build_trainer` / `build_examples`:
 - **saved bytes**: what one forward pass leaves alive for backward (autograd's saved tensors, each
   storage counted once), beside what the estimate says (`activations.kept_layer_bytes` +
   `outside_saved_bytes`, no checkpointing);
-- **loss curves**: `--steps` optimizer steps on the same GSM8K samples in the same order, from the
+- **loss curves**: `--steps` optimizer steps on the same samples in the same order, from the
   same LoRA initialisation; the table gives the loss averaged over windows of steps and the largest
   gap between the two curves' windowed means.
 """
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_throughput import DEFAULT_DATASET, DEFAULT_TOKENIZER, build_rows, reduced_config  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
 
 WINDOW = 25
 
@@ -61,16 +62,18 @@ def run(residual: str, model_dir: Path, tok: Any, rows: list[dict[str, Any]], ar
     from tuiwiz.planning.knobs import TrainingKnobs
     from tuiwiz.train import build
 
-    knobs = TrainingKnobs(residual=residual, micro_batch_size=8, grad_accum=1, cutoff_len=args.cutoff,
+    knobs = TrainingKnobs(residual=residual, micro_batch_size=8, grad_accum=1, cutoff_len=128,
                           grad_checkpointing=False, batching="padded", max_steps=args.steps, learning_rate=args.lr,
-                          warmup_ratio=0.03, logging_steps=1, save_steps=10**6, val_ratio=0.0, seed=0)
+                          warmup_ratio=0.03, logging_steps=1, save_steps=10**6, val_ratio=0.0, seed=0,
+                          lora_rank=8, lora_alpha=16)
     torch.manual_seed(0)
     model = build.build_model(str(model_dir), knobs, "cpu")
     trainer = build.build_trainer(model, tok, knobs, rows, [], work / f"out-{residual}", device="cpu")
     # one micro-batch of equal-length samples (no padding: the estimate's case)
-    same = [{"input_ids": r["input_ids"][: args.probe], "labels": r["input_ids"][: args.probe]}
-            for r in rows if len(r["input_ids"]) >= args.probe][:8]
+    gen = torch.Generator().manual_seed(1)
+    same = [{"input_ids": torch.randint(8, 300, (args.probe,), generator=gen).tolist()} for _ in range(8)]
     batch = trainer.data_collator(same)
+    trainer.model.train()  # LoRA dropout on, as in training
     measured = saved_bytes(trainer, batch)
     spec = spec_from_config(json.loads((model_dir / "config.json").read_text()), "bench", "bench_residual")
     k = knobs.replace(cutoff_len=args.probe)
@@ -99,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--cutoff", type=int, default=384)
     ap.add_argument("--probe", type=int, default=128, help="tokens per sample in the saved-bytes probe")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -107,19 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from tuiwiz.train.build import load_hf_tokenizer, random_checkpoint
+    from tiny_model import build_model as build_tiny, tiny_preset_dict, write_dataset
+
+    from tuiwiz.preset import Preset
+    from tuiwiz.train.build import load_hf_tokenizer
+    from tuiwiz.train.dataset import build_examples
 
     torch.set_num_threads(args.threads)
-    vocab = 8192
-    config = reduced_config(2, 256, vocab)
-    rows = build_rows(DEFAULT_DATASET, DEFAULT_TOKENIZER, 8 * args.steps, args.cutoff, vocab, seed=0)
-    tok = load_hf_tokenizer(DEFAULT_TOKENIZER)
-    tok.pad_token = tok.convert_ids_to_tokens(0)
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="tuiwiz-residual-") as tmp:
         work = Path(tmp)
-        random_checkpoint(dict(config), work / "model", seed=0)
-        results = [run(r, work / "model", tok, rows, args, work) for r in ("fp32", "bf16")]
+        model_dir = build_tiny(work / "model", hidden=128, layers=2)
+        data = write_dataset(work / "data.json", n=256)
+        built = build_examples(Preset.model_validate(tiny_preset_dict(model_dir, data, val_ratio=0.0,
+                                                                      cutoff_len=128)))
+        tok = load_hf_tokenizer(model_dir)
+        results = [run(r, model_dir, tok, built.train, args, work) for r in ("fp32", "bf16")]
     fp32, bf16 = results
     w32, w16 = windows(fp32["losses"]), windows(bf16["losses"])
     gap = max(abs(a - b) for a, b in zip(w32, w16))
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": f"python bench/bench_residual.py --out {args.out}", "steps": args.steps, "lr": args.lr,
                 "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
-                "model": "Llama-3.1-8B architecture, 2 layers, hidden 256, vocab 8192 (ids folded), NF4, random init",
+                "model": "tests/tiny_model.py Llama, 2 layers, hidden 128, NF4, random init; 256 alpaca-style rows",
                 "micro_batch": 8, "param_dtypes": {r["residual"]: r["param_dtypes"] for r in results}}
         args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results},
                                                             indent=1) + "\n")
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text("\n".join([
             "# Residual stream: fp32 (peft's k-bit upcast) vs bf16", "",
             f"Command: `{meta['command']}`", "",
-            f"Model: {meta['model']}; micro-batch 8, lr {args.lr}, {args.steps} steps on the same GSM8K samples "
+            f"Model: {meta['model']}; LoRA r 8, micro-batch 8, lr {args.lr}, {args.steps} steps on the same samples "
             f"in the same order; CPU, load average {load_before} before.", "",
             "| residual | saved for backward, measured (one micro-batch, 8 x "
             f"{args.probe} tokens) | the estimate |", "|---|---:|---:|",

@@ -283,9 +283,9 @@ def dataset_jobs(work: Path) -> list[dict[str, Any]]:
     for name in DATASETS:
         ddir = work / "data" / Path(name).stem
         ddir.mkdir(parents=True, exist_ok=True)
-        link = ddir / name
-        if not link.exists():
-            link.symlink_to(SHARED / "datasets" / name)
+        link = ddir / name  # a copy, not a link: plans resolve paths, and shared/ has LLaMA-Factory's own
+        if not link.exists():  # dataset_info.json, which must not stand in for the exported entry
+            shutil.copy(SHARED / "datasets" / name, link)
         ours: dict[str, Any] | str | None = None
         for fmt in CONSUMERS:
             job: dict[str, Any] = {"id": f"{name} -> {fmt}", "fmt": fmt, "load_data": True, "kind": "dataset",
@@ -377,6 +377,12 @@ def report(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], versi
         "from tuiwiz's profile. Counts are rows / trained tokens / tool calls in trained text / rows with tool",
         "schemas, over train + validation; tuiwiz's are its own encoding (`build_examples`) of the same file.",
         "",
+        "Reading it: LLaMA-Factory trains one more token per reply than tuiwiz (its templates end a reply with",
+        "the end-of-turn marker and the newline after it, e.g. Qwen's `<|im_end|>\\n`; tuiwiz trains the marker",
+        "only). Axolotl trains function_call turns as the JSON text the file holds, a few tokens shorter than",
+        "the `<tool_call>` markup tuiwiz renders. One row more on the consumer's side is a conversation tuiwiz",
+        "drops because nothing in it is left to train (no assistant turn, or all of it past the cutoff).",
+        "",
         "| dataset | trainer | plan (peak of budget GiB, loss, micro-batch, ckpt) | parsed | consumer counts | "
         "tuiwiz counts | notes |",
         "|---|---|---|---|---|---|---|",
@@ -401,9 +407,16 @@ def main() -> int:
     ap.add_argument("--venvs", default="/tmp/tuiwiz-consumers", help="where the consumer venvs are built")
     ap.add_argument("--child", nargs=3, metavar=("CONSUMER", "JOBS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=("presets", "datasets"), help="run one half")
+    ap.add_argument("--report-from", metavar="JSON", help="only rewrite the table from a results JSON")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
+        return 0
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        results = {j["id"]: j["result"] for j in saved["jobs"] if j.get("result")}
+        text = report(saved["jobs"], results, saved["versions"], saved.get("seconds", 0))
+        (RESULTS / "exports_check.md").write_text(text)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
