@@ -63,3 +63,33 @@ def test_relative_paths_in_a_hand_written_preset_are_relative_to_the_preset(work
     preset = load_preset(work / "plan.yaml")
     assert preset.model.path == str(work / "models" / "my-model")
     assert preset.dataset is not None and preset.dataset.path == str(work / "data" / "train.json")
+
+
+@pytest.mark.slow
+def test_plan_from_a_folder_then_launch_from_elsewhere_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys) -> None:
+    """The whole common path, as typed: plan with relative paths, launch the preset from another
+    folder (offline, on the CPU), and the run finishes."""
+    from tests.tiny_model import build_model
+    from tuiwiz.runs.paths import RunPaths
+    from tuiwiz.runs.status import summarize
+    from waiting import wait_until
+
+    build_model(tmp_path / "models" / "my-model")
+    write_dataset(tmp_path / "data" / "train.json", n=16)
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path / "data")
+    code = main(["--auto", "--model", "../models/my-model", "--dataset", "train.json", "--gpu", "24GB",
+                 "--cutoff-len", "64", "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
+                 "--save-steps", "2", "--lora-rank", "4", "--out", "plan.yaml"])
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "data/plan.yaml", "--cpu", "--runs-dir", "runs", "--run-id", "common"]) == 0, \
+        capsys.readouterr().err
+    paths = RunPaths(tmp_path / "runs" / "common")
+    wait_until(lambda: summarize(paths).state != "running", "the run to end", timeout=240)
+    log = paths.log.read_text(errors="replace")[-3000:] if paths.log.exists() else "(no train.log)"
+    assert summarize(paths).state == "finished", log
+    assert (paths.adapter / "adapter_config.json").exists()
