@@ -93,3 +93,15 @@ def test_plan_from_a_folder_then_launch_from_elsewhere_finishes(tmp_path: Path, 
     log = paths.log.read_text(errors="replace")[-3000:] if paths.log.exists() else "(no train.log)"
     assert summarize(paths).state == "finished", log
     assert (paths.adapter / "adapter_config.json").exists()
+
+
+def test_a_plan_for_another_trainer_is_not_launched_by_ours(work: Path, capsys) -> None:
+    """Its estimate assumed that trainer's loss and dtypes, which tuiwiz's worker does not run."""
+    code = main(["--auto", "--model", "../models/my-model", "--dataset", "train.json", "--gpu", "24GB",
+                 "--trainer", "llamafactory", "--out", "lf.yaml"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["launch", "lf.yaml", "--cpu", "--runs-dir", str(work / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "trainer" in err and "llamafactory" in err and err.count("\n") == 1
+    assert not (work / "runs").exists() or not any((work / "runs").iterdir())

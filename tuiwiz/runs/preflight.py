@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from tuiwiz.errors import CannotWrite, NotFound, UserError
+from tuiwiz.errors import BadValue, CannotWrite, NotFound, UserError
 from tuiwiz.gpu_features import flash_attn_installed, flash_attn_problem, parse_capability
 from tuiwiz.hardware import GpuInfo, read_gpus
 from tuiwiz.jsonfile import read_json_object
@@ -84,6 +84,14 @@ def missing_train_modules(knobs: TrainingKnobs) -> list[str]:
     if knobs.strategy.startswith("zero3"):
         needed.append("deepspeed")  # ZeRO-3 runs on DeepSpeed, which the training extra does not install
     return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def check_trainer(knobs: TrainingKnobs) -> None:
+    """A plan made for another trainer's stack (its loss, dtypes, kernels) is not what tuiwiz's own
+    worker would run, so its estimate does not hold here: re-plan it for tuiwiz first."""
+    if knobs.trainer != "tuiwiz":
+        raise BadValue("trainer", knobs.trainer, "this preset was planned for that trainer's own stack; re-plan it "
+                       "for tuiwiz's worker (training.trainer: tuiwiz) before launching it here")
 
 
 def check_train_extra(knobs: TrainingKnobs) -> None:
@@ -394,6 +402,7 @@ def preflight(preset: Preset, runs_root: Path, *, online: bool = False, cpu: boo
     Checks run cheapest-first and only the runs folder is created.
     """
     knobs = preset.training
+    check_trainer(knobs)
     check_train_extra(knobs)
     data = check_dataset(preset)
     warnings = []
