@@ -21,11 +21,11 @@ Why it holds with the installed stack (trl 1.16, transformers 5.24):
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lanes import lane
 
 from tuiwiz.errors import BadValue
 from tuiwiz.models import resolve_model
@@ -34,8 +34,6 @@ from tuiwiz.planning.advisor import advise, budget_bytes
 from tuiwiz.planning.knobs import TrainingKnobs, knobs_from
 from tuiwiz.planning.memory import estimate_memory
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = SHARED / "datasets"
 LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
@@ -43,6 +41,9 @@ LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
 #: mt_bench has questions only).
 SHARED_DATASETS = ("alpaca_en_demo.json", "alpaca_zh_demo.json", "glaive_toolcall_en_demo.json", "identity.json",
                    "kto_en_demo.json", "v1_sft_demo.jsonl", "gsm8k_train.jsonl", "sharegpt_zh_1K_format.jsonl")
+#: The default lane checks the slot efficiency on these; `pytest --full` on every one (tests/conftest.py).
+QUICK_DATASETS = ("alpaca_en_demo.json", "glaive_toolcall_en_demo.json", "identity.json", "kto_en_demo.json",
+                  "v1_sft_demo.jsonl")
 needs_shared = pytest.mark.skipif(not (DATASETS.is_dir() and LLAMA3_TOKENIZER.is_dir()),
                                   reason="needs ../shared/data (datasets and the llama3 tokenizer)")
 
@@ -184,7 +185,7 @@ def test_presets_that_said_packing_read_as_batching() -> None:
 
 @needs_shared
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHARED_DATASETS)
+@pytest.mark.parametrize("name", lane(list(SHARED_DATASETS), list(QUICK_DATASETS)))
 def test_default_plan_fills_95_percent_of_slots_as_trl_collates_them(name: str) -> None:
     """`dataset.slot_efficiency` of the default plan, checked against trl's own collator: the
     plan's micro-batches (profiled lengths, truncated at the cutoff) go through

@@ -60,14 +60,21 @@ def _demo_logs(upto: int) -> list[Any]:
 
 def demo_run_events(kind: RunKind) -> list[Any]:
     """The events of a 60-step run on the demo: going (`live`), stopped at step 30, or out of memory."""
-    from tuiwiz.runs.events import CheckpointEvent, ErrorEvent, StartEvent, StoppedEvent
+    from tuiwiz.runs.events import (CheckpointEvent, ErrorEvent, EstimateLevels, MemoryEvent, MemoryLevels,
+                                    StartEvent, StoppedEvent)
 
-    start = StartEvent(run_id=DEMO_RUN_ID, pid=1, device="cuda", versions={}, config={"plan_peak_gib": 18.4},
+    start = StartEvent(run_id=DEMO_RUN_ID, pid=1, device="cuda", versions={},
+                       config={"plan_peak_gib": 18.4, "plan_allocated_gib": 16.9},
                        total_steps=60, train_samples=270, eval_samples=30, t=0.0)
+    probe = MemoryEvent(step=1, probe=True, batch_tokens=11264, gpu="NVIDIA GeForce RTX 4090",
+                        measured=MemoryLevels(allocated_gib=16.2, reserved_gib=17.1, nvml_gib=17.8),
+                        estimate=EstimateLevels(allocated_gib=16.9, reserved_gib=18.0, peak_gib=18.4), t=1.0)
     if kind == "live":
-        return [start, *_demo_logs(25), CheckpointEvent(step=20, path="checkpoints/checkpoint-20", t=20.0)]
+        logs = _demo_logs(25)
+        return [start, logs[0], probe, *logs[1:], CheckpointEvent(step=20, path="checkpoints/checkpoint-20", t=20.0)]
     if kind == "stopped":
-        return [start, *_demo_logs(30), StoppedEvent(step=30, t=30.0)]
+        logs = _demo_logs(30)
+        return [start, logs[0], probe, *logs[1:], StoppedEvent(step=30, t=30.0)]
     return [start, *_demo_logs(3), ErrorEvent(
         kind="oom", message="CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.99 GiB total capacity)",
         suggestion="the plan was too large for this GPU: relaunch with a smaller micro-batch", step=4,
