@@ -26,7 +26,7 @@ def render_plan(plan: Plan, width: int = 80) -> str:
     h = plan.hardware.host
     lines.append(f"Host    {h.cpu_cores} cores, RAM {h.ram_available_gib:.0f}/{h.ram_total_gib:.0f} GiB free")
     lines.extend(_spread_lines(plan, width))
-    lines.append(_clip(f"Model   {plan.spec.summary()}", width))
+    lines.extend(_wrap(plan.spec.summary(), width, "Model   ", " " * 8))
     if plan.profile is not None:
         p = plan.profile.to_json()
         approx = " (approximate)" if p.get("approximate") else ""
