@@ -5,6 +5,10 @@ from __future__ import annotations
 from tuiwiz.planning.knobs import TrainingKnobs
 
 
+#: Checkpoints the trainer keeps without early stopping (with it, every one: the best may be any).
+SAVE_TOTAL_LIMIT = 3
+
+
 def early_stopping_on(knobs: TrainingKnobs, has_eval: bool) -> bool:
     """Early stopping watches eval_loss, so it only runs when there is a validation split."""
     return bool(knobs.early_stopping_patience) and has_eval

@@ -27,7 +27,7 @@ from tuiwiz.jsonfile import read_json_object
 from tuiwiz.models import ModelSpec, find_in_hf_cache, hf_cache_dirs, resolve_model
 from tuiwiz.planning.knobs import TrainingKnobs
 from tuiwiz.planning.memory import lora_weights_bytes, optimizer_state_bytes
-from tuiwiz.planning.schedule import early_stopping_on, eval_and_save_steps
+from tuiwiz.planning.schedule import SAVE_TOTAL_LIMIT, early_stopping_on, eval_and_save_steps
 from tuiwiz.preset import Preset
 
 if TYPE_CHECKING:
@@ -41,8 +41,6 @@ TRAIN_EXTRA_INSTALL = "pip install 'tuiwiz[train]'"
 TRAIN_MODULES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
 #: The weight files transformers' `from_pretrained` loads from a folder, in its order of preference.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-#: `save_total_limit` the worker gives the trainer without early stopping (tuiwiz.train.build.sft_config).
-SAVE_TOTAL_LIMIT = 3
 #: Per checkpoint besides adapter, optimizer and tokenizer: trainer_state.json, scheduler.pt,
 #: rng_state.pth, training_args.bin, adapter_config.json, README.md, pickling overhead.
 CHECKPOINT_FIXED_BYTES = 4 * MIB

@@ -34,7 +34,7 @@ from tuiwiz.gpu_features import Capability, flash_attn_installed, flash_attn_pro
 from tuiwiz.models import spec_from_config
 from tuiwiz.planning.knobs import TrainingKnobs, attn_for_model
 from tuiwiz.planning.strategy import engine, is_sharded
-from tuiwiz.planning.schedule import early_stopping_on, eval_and_save_steps
+from tuiwiz.planning.schedule import SAVE_TOTAL_LIMIT, early_stopping_on, eval_and_save_steps
 from tuiwiz.preset import Preset
 from tuiwiz.train.errors import SetupError
 
@@ -279,7 +279,7 @@ def sft_config(knobs: TrainingKnobs, output_dir: str | os.PathLike[str], *, devi
         logging_steps=knobs.logging_steps,
         save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=None if early else 3,
+        save_total_limit=None if early else SAVE_TOTAL_LIMIT,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
         load_best_model_at_end=early,
