@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.probe} tokens) | the estimate |", "|---|---:|---:|",
             *[f"| {k} | {v['measured'] / 2**20:.2f} MiB | {v['estimated'] / 2**20:.2f} MiB |" for k, v in sb.items()],
             "", f"bf16 keeps {summary['bf16_saves_fraction_measured']:.0%} less for backward.", "",
-            f"| steps | loss fp32 | loss bf16 | bf16 - fp32 |", "|---|---:|---:|---:|", rows_md, "",
+            "| steps | loss fp32 | loss bf16 | bf16 - fp32 |", "|---|---:|---:|---:|", rows_md, "",
             f"Largest gap between the windowed curves: {gap:.4f}.", "",
         ]))
     return 0

@@ -6,7 +6,6 @@ from tuiwiz.models import resolve_model
 from tuiwiz.planning.advisor import advise, budget_bytes, smaller_plan
 from tuiwiz.planning.knobs import TrainingKnobs
 from tuiwiz.planning.memory import estimate_memory
-from tuiwiz.planner import catalog_specs
 
 LLAMA = resolve_model("meta-llama/Llama-3.1-8B")
 

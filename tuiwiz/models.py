@@ -127,7 +127,6 @@ class ModelSpec:
             dense_layers = L - self.sparse_layers
             experts = self.num_experts * 3 * h * self.moe_intermediate
             router = self.num_experts * h
-        norms_per_layer = self.norms_per_layer
         qk_norm = 2 * self.head_dim if self.model_type == "qwen3" or self.model_type == "qwen3_moe" else 0
         counts = {
             "embedding": self.vocab * h,

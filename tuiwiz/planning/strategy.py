@@ -163,6 +163,20 @@ def _ddp_terms(spec: ModelSpec, knobs: TrainingKnobs, gpus: int) -> list[Term]:
     ]
 
 
+
+def _stored_weight_terms(knobs: TrainingKnobs, st: Stored, n: int, here: int, shard: str) -> list[Term]:
+    """The base's stored weights under sharding: the 4-bit storage split 1/n (its absmax constants
+    whole on every GPU), the 16-bit rest split too; `here` is 0 when they live in host RAM."""
+    from tuiwiz.planning import memory as mem
+
+    return [
+        mem.Term("quantized_weights", f"{knobs.quant_bits}-bit decoder weights", "weights",
+                 here * _ceil_div(st.packed, n) + st.constants,
+                 f"{shard}; absmax on every GPU" if st.constants else shard),
+        mem.Term("unquantized_weights", "embeddings, head, norms", "weights", here * _ceil_div(st.other, n),
+                 f"{knobs.compute_dtype}, {shard}"),
+    ]
+
 def _fsdp_terms(spec: ModelSpec, knobs: TrainingKnobs, gpus: int, offload: bool) -> list[Term]:
     """FSDP-QLoRA (FULL_SHARD, `use_orig_params: false`): a 1/N shard of every flat parameter, the
     absmax constants whole, two decoder layers and the root unit (embeddings, final norm, head:
@@ -176,11 +190,7 @@ def _fsdp_terms(spec: ModelSpec, knobs: TrainingKnobs, gpus: int, offload: bool)
     shard = f"1/{n} shard" if not offload else "in host RAM"
     lora = mem.lora_weights_bytes(spec, knobs)
     return [
-        mem.Term("quantized_weights", f"{knobs.quant_bits}-bit decoder weights", "weights",
-                 here * _ceil_div(st.packed, n) + st.constants,
-                 f"{shard}; absmax on every GPU" if st.constants else shard),
-        mem.Term("unquantized_weights", "embeddings, head, norms", "weights", here * _ceil_div(st.other, n),
-                 f"{knobs.compute_dtype}, {shard}"),
+        *_stored_weight_terms(knobs, st, n, here, shard),
         mem.Term("gathered_layers", "gathered for compute", "weights", GATHERED_LAYERS * st.layer,
                  f"{GATHERED_LAYERS} layers all-gathered"),
         mem.Term("gathered_root", "root unit (embeddings, head)", "weights", st.root, "unsharded fwd to bwd"),
@@ -206,11 +216,7 @@ def _zero3_terms(spec: ModelSpec, knobs: TrainingKnobs, gpus: int, offload: bool
     per = DS_BYTES_PER_TRAINABLE
     gathered = max(GATHERED_LAYERS * st.layer, st.biggest_outer)
     return [
-        mem.Term("quantized_weights", f"{knobs.quant_bits}-bit decoder weights", "weights",
-                 here * _ceil_div(st.packed, n) + st.constants,
-                 f"{shard}; absmax on every GPU" if st.constants else shard),
-        mem.Term("unquantized_weights", "embeddings, head, norms", "weights", here * _ceil_div(st.other, n),
-                 f"{knobs.compute_dtype}, {shard}"),
+        *_stored_weight_terms(knobs, st, n, here, shard),
         mem.Term("gathered_layers", "gathered for compute", "weights", gathered,
                  "2 layers or the head, 4-bit/bf16"),
         mem.Term("lora_weights", "LoRA adapters", "lora", here * _ceil_div(per["weights"] * lora_n, n), f"bf16, {shard}"),

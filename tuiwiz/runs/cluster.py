@@ -204,10 +204,18 @@ NODE_CHECK = (
 )
 
 
+def _script_head(preset: Preset) -> list[str]:
+    """The first lines of both scripts: the shebang and what runs where."""
+    hw, k = preset.hardware, preset.training
+    return ["#!/bin/bash",
+            f"# tuiwiz: {preset.model.id} on {hw.nodes} node{'s' if hw.nodes > 1 else ''} x {hw.count} x {hw.gpu}, "
+            f"strategy {k.strategy} ({TITLES[k.strategy]})."]
+
+
 def slurm_script(preset: Preset, *, run_dir: str | None = None, python: str | None = None) -> str:
     """An sbatch script: `preset.hardware.nodes` nodes, one `accelerate launch` per node (srun),
     each starting `count` worker processes; rank 0, on the first node, writes the events."""
-    hw, k = preset.hardware, preset.training
+    hw = preset.hardware
     nodes, per_node = hw.nodes, hw.count
     launch = " ".join(["\"$PYTHON\" -m accelerate.commands.launch",
                        *map(_q, launch_args(f"$RUN_DIR/{ACCELERATE_CONFIG}", nodes * per_node, machines=nodes,
@@ -216,9 +224,7 @@ def slurm_script(preset: Preset, *, run_dir: str | None = None, python: str | No
                        "\"$RUN_DIR\" $RESUME"])
     checks = " ".join(shlex.quote(p) for p in _paths_to_check(preset))
     lines = [
-        "#!/bin/bash",
-        f"# tuiwiz: {preset.model.id} on {nodes} node{'s' if nodes > 1 else ''} x {per_node} x {hw.gpu}, "
-        f"strategy {k.strategy} ({TITLES[k.strategy]}).",
+        *_script_head(preset),
         "# Submit it from a login node: sbatch THIS_FILE   (TUIWIZ_RUN_DIR=/shared/dir sbatch THIS_FILE to choose",
         "# the run directory). Follow it: tuiwiz attach RUN_DIR. Stop it: scancel --signal=TERM JOBID (each",
         "# worker saves a checkpoint; torchrun gives them 30 s) and sbatch it again to resume.",
@@ -255,7 +261,7 @@ def torchrun_script(preset: Preset, *, run_dir: str | None = None, python: str |
     """A script to start by hand on every node (NODE_RANK=0 on MASTER_ADDR's node): torchrun with a
     static rendezvous over `nodes` nodes, `count` workers each, and the variables `accelerate launch`
     would give them, so the Trainer runs the same FSDP or DeepSpeed plugin."""
-    hw, k = preset.hardware, preset.training
+    hw = preset.hardware
     nodes, per_node = hw.nodes, hw.count
     env = " ".join(f"{key}={shlex.quote(v)}" for key, v in accelerate_env(preset).items())
     run = " ".join(["\"$PYTHON\" -m torch.distributed.run", f"--nnodes {nodes}", f"--nproc-per-node {per_node}",
@@ -263,9 +269,7 @@ def torchrun_script(preset: Preset, *, run_dir: str | None = None, python: str |
                     "-m tuiwiz.train \"$RUN_DIR\" $RESUME"])
     checks = " ".join(shlex.quote(p) for p in _paths_to_check(preset))
     lines = [
-        "#!/bin/bash",
-        f"# tuiwiz: {preset.model.id} on {nodes} node{'s' if nodes > 1 else ''} x {per_node} x {hw.gpu}, "
-        f"strategy {k.strategy} ({TITLES[k.strategy]}).",
+        *_script_head(preset),
         "# Start it on every node, the same way, with that node's rank (0 on the MASTER_ADDR node):",
         f"#   MASTER_ADDR=first-node NODE_RANK=0 bash THIS_FILE   ...   NODE_RANK={nodes - 1} on the last",
         "# Follow it: tuiwiz attach RUN_DIR. Run it again on every node to resume.",
