@@ -49,3 +49,12 @@ def shared_data() -> Path:
 def _private_calibration_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plans in tests never read the user's own calibration store (~/.local/share/tuiwiz)."""
     monkeypatch.setenv("TUIWIZ_CALIBRATION", str(tmp_path_factory.mktemp("calibration") / "calibration.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny local Llama (with its tokenizer) and a small alpaca dataset, built once, read-only."""
+    from tiny_model import build_model, write_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    return build_model(root / "model"), write_dataset(root / "data.json")

@@ -7,7 +7,6 @@ world size say two ran), the event log the monitor reads, and the checkpoint the
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -20,27 +19,14 @@ from tuiwiz.runs.launcher import launch, resume
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import is_live, last_checkpoint, summarize
 
-from tiny_model import build_model, tiny_preset_dict, write_dataset
+from tiny_model import tiny_preset_dict, worker_env
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240.0
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny2")
-    return build_model(root / "model"), write_dataset(root / "data.json")
-
-
 #: Enough steps, each slowed down, that the stop lands mid-run even on a loaded machine.
 STEPS = 4
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUIWIZ_", "ACCELERATE_", "FSDP_"))}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "OMP_NUM_THREADS": "1", **extra})
-    return env
 
 
 def _events(paths: RunPaths) -> list:
@@ -64,7 +50,7 @@ def test_two_process_run_through_the_generated_config_stops_and_resumes(tiny: tu
     d = tiny_preset_dict(model, data, max_steps=STEPS, save_steps=100, eval_steps=100, val_ratio=0.0,
                          micro_batch_size=1)
     d["hardware"]["count"] = 2
-    run = launch(preset_from_dict(d), tmp_path, run_id="two", cpu=True, env=_env(TUIWIZ_STEP_DELAY="2.0"))
+    run = launch(preset_from_dict(d), tmp_path, run_id="two", cpu=True, env=worker_env(TUIWIZ_STEP_DELAY="2.0"))
     assert run.argv[1:5] == ("-m", "accelerate.commands.launch", "--config_file",
                              str(run.paths.root / "accelerate.yaml"))
     _wait(run.paths, lambda: any(isinstance(e, LogEvent) for e in _events(run.paths)), "step 1")
@@ -78,7 +64,7 @@ def test_two_process_run_through_the_generated_config_stops_and_resumes(tiny: tu
     assert ckpt is not None and ckpt.name == f"checkpoint-{stopped.step}"  # both ranks stopped at one step
     assert summarize(run.paths).state == "stopped"
 
-    again = resume(run.paths, env=_env())
+    again = resume(run.paths, env=worker_env())
     assert "--resume" in again.argv
     _wait(run.paths, lambda: not is_live(run.paths) and isinstance(_events(run.paths)[-1], (DoneEvent,)),
           "the resumed run to finish")

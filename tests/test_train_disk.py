@@ -23,7 +23,7 @@ from tuiwiz.runs.launcher import launch
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import is_live, read_status, summarize
 
-from tiny_model import build_model, tiny_preset_dict, write_dataset
+from tiny_model import tiny_preset_dict, worker_env
 
 TIMEOUT = 120.0
 RUN_DIR = Path("/runs/r1")
@@ -113,18 +113,6 @@ def test_the_failure_path_writes_the_disk_error_event_when_it_fits(tmp_path: Pat
 
 
 # ---- the real worker ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return build_model(root / "model"), write_dataset(root / "data.json")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUIWIZ_")}
-    env.update({"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra})
-    return env
-
-
 def _events(paths: RunPaths) -> list:
     data = paths.events.read_bytes()
     assert data == b"" or data.endswith(b"\n"), data[-200:]
@@ -161,7 +149,7 @@ def _assert_failed_on_disk(paths: RunPaths) -> ErrorEvent:
 def test_injected_enospc_ends_the_run_failed_with_kind_disk(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = tiny
     preset = preset_from_dict(tiny_preset_dict(model, data, max_steps=6, save_steps=100))
-    run = launch(preset, tmp_path, run_id="enospc", env=_env(TUIWIZ_FAULT="enospc@3", TUIWIZ_STEP_DELAY="0.3"))
+    run = launch(preset, tmp_path, run_id="enospc", env=worker_env(TUIWIZ_FAULT="enospc@3", TUIWIZ_STEP_DELAY="0.3"))
     _wait(run.paths, lambda: any(isinstance(e, LogEvent) for e in _events(run.paths))
           if run.paths.events.exists() else False)
     reserve = run.paths.root / RESERVE_NAME
@@ -215,7 +203,7 @@ def test_a_disk_that_fills_mid_run_ends_it_failed_with_kind_disk(tiny: tuple[Pat
     _mount_tmpfs(disk, 400)
     try:
         preset = preset_from_dict(tiny_preset_dict(model, data, max_steps=40, save_steps=1, eval_steps=100))
-        run = launch(preset, disk, run_id="full", env=_env(TUIWIZ_STEP_DELAY="0.2"))
+        run = launch(preset, disk, run_id="full", env=worker_env(TUIWIZ_STEP_DELAY="0.2"))
         _wait(run.paths, lambda: any(isinstance(e, LogEvent) for e in _events(run.paths))
               if run.paths.events.exists() else False)
         _fill(disk, 150 * 1024)

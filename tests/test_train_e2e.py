@@ -19,24 +19,11 @@ from tuiwiz.runs.launcher import launch, resume
 from tuiwiz.runs.paths import RunPaths
 from tuiwiz.runs.status import is_live, last_checkpoint, summarize
 
-from tiny_model import build_model, tiny_preset_dict, write_dataset
+from tiny_model import tiny_preset_dict, worker_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return build_model(root / "model"), write_dataset(root / "data.json")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUIWIZ_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra})
-    return env
 
 
 def _lines(paths: RunPaths) -> list[bytes]:
@@ -70,7 +57,7 @@ def test_detached_run_survives_its_launcher_and_reaches_done(tiny: tuple[Path, P
             f"run_command('launch', [{str(preset_file)!r}, '--runs-dir', {str(tmp_path / 'runs')!r}, "
             "'--run-id', 'detached']); print('launched', flush=True); time.sleep(600)")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env={**_env(), "PYTHONPATH": str(REPO)})
+                                env={**worker_env(), "PYTHONPATH": str(REPO)})
     assert launcher.stdout is not None
     assert launcher.stdout.readline().strip() == b"detached"
     launcher.kill()  # the "terminal" goes away
@@ -95,7 +82,7 @@ def test_detached_run_survives_its_launcher_and_reaches_done(tiny: tuple[Path, P
 def test_stop_checkpoints_and_resume_continues_the_step_count(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = tiny
     preset = preset_from_dict(tiny_preset_dict(model, data, max_steps=8, save_steps=100, eval_steps=100))
-    run = launch(preset, tmp_path, run_id="stopme", env=_env(TUIWIZ_STEP_DELAY="0.4"))
+    run = launch(preset, tmp_path, run_id="stopme", env=worker_env(TUIWIZ_STEP_DELAY="0.4"))
     _wait(run.paths, "step", 2)
     assert stop_run(run.paths, wait=60) == "stopped"
     events = _events(run.paths)
@@ -107,7 +94,7 @@ def test_stop_checkpoints_and_resume_continues_the_step_count(tiny: tuple[Path, 
     assert (run.paths.adapter / "adapter_model.safetensors").exists()
     assert summarize(run.paths).state == "stopped"
 
-    resume(run.paths, env=_env())
+    resume(run.paths, env=worker_env())
     _wait(run.paths)
     events = _events(run.paths)
     starts = [e for e in events if isinstance(e, StartEvent)]
@@ -122,7 +109,7 @@ def test_stop_checkpoints_and_resume_continues_the_step_count(tiny: tuple[Path, 
 def test_injected_faults_are_classified(tiny: tuple[Path, Path], tmp_path: Path, fault: str, kind: str) -> None:
     model, data = tiny
     preset = preset_from_dict(tiny_preset_dict(model, data))
-    run = launch(preset, tmp_path, run_id=f"fault-{fault}", env=_env(TUIWIZ_FAULT=f"{fault}@3"))
+    run = launch(preset, tmp_path, run_id=f"fault-{fault}", env=worker_env(TUIWIZ_FAULT=f"{fault}@3"))
     _wait(run.paths)
     events = _events(run.paths)
     err = events[-1]
@@ -138,7 +125,7 @@ def test_injected_faults_are_classified(tiny: tuple[Path, Path], tmp_path: Path,
 def test_sigkill_mid_run_leaves_only_whole_lines_and_reads_stale(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = tiny
     preset = preset_from_dict(tiny_preset_dict(model, data, max_steps=50, logging_steps=1))
-    run = launch(preset, tmp_path, run_id="killed", env=_env())
+    run = launch(preset, tmp_path, run_id="killed", env=worker_env())
     _wait(run.paths, "step", 3)
     os.killpg(os.getpgid(run.pid), signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -156,7 +143,7 @@ def test_attach_shows_the_finished_curve(tiny: tuple[Path, Path], tmp_path: Path
     from tuiwiz.tui.monitor import MonitorApp, MonitorScreen
 
     model, data = tiny
-    run = launch(preset_from_dict(tiny_preset_dict(model, data)), tmp_path, run_id="shown", env=_env())
+    run = launch(preset_from_dict(tiny_preset_dict(model, data)), tmp_path, run_id="shown", env=worker_env())
     _wait(run.paths)
 
     async def scenario() -> tuple[str, int, int, str, str]:

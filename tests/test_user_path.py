@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny_model import build_tokenizer, write_dataset
+from tiny_model import build_tokenizer, write_dataset
 from tuiwiz.cli import main
 from tuiwiz.preset import load_preset
 
@@ -70,7 +70,7 @@ def test_plan_from_a_folder_then_launch_from_elsewhere_finishes(tmp_path: Path, 
                                                                 capsys) -> None:
     """The whole common path, as typed: plan with relative paths, launch the preset from another
     folder (offline, on the CPU), and the run finishes."""
-    from tests.tiny_model import build_model
+    from tiny_model import build_model
     from tuiwiz.runs.paths import RunPaths
     from tuiwiz.runs.status import summarize
     from waiting import wait_until

@@ -88,3 +88,14 @@ def tiny_preset_dict(model_dir: Path, data_path: Path, **training: object) -> di
         "estimate": {"peak_gib": 0.5, "allocated_gib": 0.4, "budget_gib": 1.0, "fits": True,
                      "breakdown_gib": {"weights": 0.1}},
     }
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment a test's worker runs in: this one without tuiwiz/accelerate settings, offline,
+    on the CPU, one thread; `extra` adds seams such as TUIWIZ_FAULT or TUIWIZ_STEP_DELAY."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUIWIZ_", "ACCELERATE_", "FSDP_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra})
+    return env
