@@ -109,6 +109,18 @@ class Plan:
         """Host RAM one node needs for this plan (loading, and the shards when offloading)."""
         return host_ram(self.spec, self.knobs, self.world_size, len(self.gpus))
 
+    def all_warnings(self) -> list[str]:
+        """Every warning in the CLI's words: `warnings` and the advisor's, then the two the TUI
+        shows its own way (approximate counts, a plan that does not fit)."""
+        out = [*self.warnings, *self.advice.warnings]
+        if self.profile is not None and self.profile.approximate:
+            out.append(f"token counts are approximate ({self.profile.tokenizer}): give the model's tokenizer "
+                       "(a folder with tokenizer.json) for exact counts")
+        if not self.advice.fits:
+            out.append(f"does not fit: needs {self.advice.estimate.peak_gib:.1f} GiB, "
+                       f"budget {self.advice.budget_gib:.1f} GiB")
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """The `--json` contract (tests/test_cli.py checks it)."""
         k, est = self.advice.knobs, self.advice.estimate
@@ -151,7 +163,7 @@ class Plan:
             },
             "reasons": list(self.advice.reasons),
             "suggestions": [{"text": x.text, "flags": list(x.flags)} for x in self.suggestions],
-            "warnings": list(self.warnings) + list(self.advice.warnings),
+            "warnings": self.all_warnings(),
         }
 
     def to_preset(self, name: str | None = None) -> Preset:
@@ -330,9 +342,6 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
         warnings.append(f"FlashAttention 2 needs an Ampere (sm80) or newer GPU; {gpus[0].name} is older: "
                         "use sdpa")
     if profile is not None:
-        if profile.approximate:
-            warnings.append(f"token counts are approximate ({profile.tokenizer}): give the model's tokenizer "
-                            "(a folder with tokenizer.json) for exact counts")
         if "cutoff_len" not in fixed:
             knobs = knobs.replace(cutoff_len=profile.suggested_cutoff)
             fixed.add("cutoff_len")
@@ -351,8 +360,7 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
     plan = dataclasses.replace(plan, warnings=tuple(warnings))
     if advice.fits or not with_suggestions:
         return plan
-    warnings.append(f"does not fit: needs {advice.estimate.peak_gib:.1f} GiB, budget {advice.budget_gib:.1f} GiB")
-    return dataclasses.replace(plan, warnings=tuple(warnings), suggestions=suggestions_for(plan))
+    return dataclasses.replace(plan, suggestions=suggestions_for(plan))
 
 
 def _host_ram_warnings(plan: Plan) -> list[str]:

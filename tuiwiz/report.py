@@ -69,7 +69,7 @@ def render_plan(plan: Plan, width: int = 80) -> str:
         for s in plan.suggestions:
             lines.extend(_wrap(s.text, width, "  - ", "    "))
             lines.append("      " + shlex.join(s.flags))
-    warns = list(plan.warnings) + list(a.warnings)
+    warns = plan.all_warnings()
     if warns:
         lines.append("")
         for w in warns:

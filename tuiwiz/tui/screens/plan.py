@@ -65,10 +65,8 @@ def tui_warnings(plan: Plan) -> list[str]:
     if plan.profile is not None and plan.profile.approximate:
         out.append(f"token counts are approximate ({plan.profile.tokenizer}): choose the model's tokenizer in "
                    f"{DATASET_STEP}, field Tokenizer, for exact counts")
-    # The planner words these two for the CLI; until its warnings carry a kind, they are told
-    # apart by their opening words (the verdict and the line above say them in the TUI's words).
-    said = ("does not fit", "token counts are approximate")
-    out += [w for w in (*plan.warnings, *plan.advice.warnings) if not w.startswith(said)]
+    # `plan.warnings` leaves out the two the TUI says its own way (the verdict, the line above)
+    out += [*plan.warnings, *plan.advice.warnings]
     return out
 
 
