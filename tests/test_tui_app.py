@@ -368,6 +368,21 @@ async def test_show_command_names_the_catalog_card_without_nvml():
     assert req.gpu == "A100 80GB" and req.knobs == app.state.request.knobs
 
 
+async def test_plus_and_minus_plan_for_more_catalog_cards_and_the_command_says_so():
+    app = build(hardware=fixtures.no_nvml(), start_step="hardware")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.set_focus(None)
+        await pilot.press("plus", "plus")
+        await wait_for(pilot, lambda: app.state.plan is not None and len(app.state.plan.gpus) == 3, "three cards")
+        await pilot.press("minus")
+        await wait_for(pilot, lambda: app.state.plan is not None and len(app.state.plan.gpus) == 2, "two cards")
+        rows = app.screen.query_one("#gpus").row_count
+        req, card = _parsed(app.state.auto_command()), app.state.catalog_card
+    assert rows == 2
+    assert req.gpu_count == 2 and req.gpu == card  # the command plans the same two cards
+
+
 @dataclass(frozen=True)
 class _FakeRun:
     run_id: str

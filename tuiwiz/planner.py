@@ -56,7 +56,8 @@ class PlanRequest:
 #: Request fields that are not knobs, and the flag each has (knob flags live on the knobs).
 REQUEST_FLAGS: dict[str, str] = {
     "model": "--model", "tokenizer": "--tokenizer", "dataset": "--dataset", "layout": "--layout",
-    "gpu": "--gpu", "gpus": "--gpus", "gpu_count": "--num-gpus", "nodes": "--nodes", "effective_batch": "--effective-batch", "headroom": "--headroom",
+    "gpu": "--gpu", "gpus": "--gpus", "gpu_count": "--num-gpus", "nodes": "--nodes",
+    "effective_batch": "--effective-batch", "headroom": "--headroom",
     "percentile": "--percentile", "sample": "--sample", "strict": "--strict",
     "trust_remote_code": "--trust-remote-code",
 }

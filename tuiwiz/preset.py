@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuiwiz.atomic import write_text_atomic
-from tuiwiz.errors import NotFound, UserError, bounded, shown
 from tuiwiz.data.layouts import LAYOUTS, Layout
+from tuiwiz.errors import NotFound, UserError, bounded, shown
+from tuiwiz.hardware import MAX_GPUS_PER_NODE
 from tuiwiz.planning.knobs import TrainingKnobs
 
 PRESET_VERSION = 1
@@ -49,7 +50,7 @@ class HardwareRef(_Strict):
 
     gpu: str = Field(min_length=1)
     memory_gib: float = Field(gt=0)
-    count: int = Field(1, ge=1, le=64)  # GPUs per node
+    count: int = Field(1, ge=1, le=MAX_GPUS_PER_NODE)  # GPUs per node
     nodes: int = Field(1, ge=1, le=1024, description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
     indices: list[int] | None = None
     bf16: bool = True

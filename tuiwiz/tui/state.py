@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from tuiwiz.errors import UserError
-from tuiwiz.hardware import DEFAULT_CATALOG_GPU, GpuInfo, HardwareInventory, catalog_gpu, gpus_from_catalog
+from tuiwiz.errors import BadValue, UserError
+from tuiwiz.hardware import DEFAULT_CATALOG_GPU, MAX_GPUS_PER_NODE, GpuInfo, HardwareInventory, catalog_gpu, gpus_from_catalog
 from tuiwiz.planner import Plan, PlanRequest, check_request, flag_for, make_plan
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM
 from tuiwiz.planning.knobs import KNOB_BY_NAME, KNOBS, TrainingKnobs, format_knob
@@ -116,7 +116,7 @@ class WizardState:
         if self.nvml and not self.request.gpu:
             return hw
         card = catalog_gpu(self.catalog_card)
-        return HardwareInventory(gpus_from_catalog(card, 1), hw.host, "catalog", note=None)
+        return HardwareInventory(gpus_from_catalog(card, self.request.gpu_count), hw.host, "catalog", note=None)
 
     def selected_indices(self) -> tuple[int, ...]:
         if self.hardware is None or not self.nvml or self.request.gpu:
@@ -142,7 +142,13 @@ class WizardState:
         if name is not None:
             catalog_gpu(name)  # validates
         self.request = replace(self.request, gpu=name, gpu_indices=None if name else self.request.gpu_indices,
-                               gpu_count=1)
+                               gpu_count=self.request.gpu_count if name else 1)
+
+    def set_card_count(self, count: int) -> None:
+        """How many of the catalog card to plan for (1-64): FSDP shards across them when one is too small."""
+        if not 1 <= count <= MAX_GPUS_PER_NODE:
+            raise BadValue("gpu_count", count, f"plan for 1 to {MAX_GPUS_PER_NODE} cards")
+        self.request = replace(self.request, gpu_count=count)
 
     def update_gpus(self, gpus: list[GpuInfo] | tuple[GpuInfo, ...]) -> None:
         """Fresh NVML readings (from the polling worker) replace the detected ones."""
@@ -264,6 +270,8 @@ class WizardState:
                 add("layout", req.dataset.layout)
         if req.gpu or not self.nvml:
             add("gpu", self.catalog_card)
+            if req.gpu_count > 1:
+                add("gpu_count", str(req.gpu_count))
         elif req.gpu_indices:
             add("gpus", ",".join(map(str, req.gpu_indices)))
         for info in KNOBS:

@@ -32,7 +32,11 @@ class HardwareScreen(WizardScreen):
     STEP = "hardware"
     AUTO_FOCUS = "#gpus"
     BINDINGS = [Binding("space", "toggle", "use GPU", tooltip="use the GPU under the cursor, or not"),
-                Binding("g", "pick_card", "card", tooltip="plan for a catalog card instead of this machine")]
+                Binding("g", "pick_card", "card", tooltip="plan for a catalog card instead of this machine"),
+                Binding("plus,equals_sign", "more_cards", "more", key_display="+",
+                        tooltip="plan for one more of the catalog card"),
+                Binding("minus", "fewer_cards", "fewer", key_display="-",
+                        tooltip="plan for one fewer of the catalog card")]
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="hw-note")
@@ -67,7 +71,7 @@ class HardwareScreen(WizardScreen):
                                       "Space/Enter: use a GPU or not. g: plan for a catalog card instead."))
         else:
             note.update(Text.assemble(("No NVML: ", "bold yellow"), hw.nvml_problem or "planning for a catalog GPU.",
-                                      " Choose the card to plan for below (g)."))
+                                      " Choose the card to plan for below (g), and how many (+/-)."))
         plan_hw = st.plan_hardware()
         chosen = set(st.selected_indices())
         table = self.query_one("#gpus", DataTable)
@@ -95,9 +99,26 @@ class HardwareScreen(WizardScreen):
                 select.value = value
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        catalog = not self.state.nvml or bool(self.state.request.gpu)
         if action == "toggle":  # choosing GPUs is for this machine's own, seen through NVML
-            return self.state.nvml and not self.state.request.gpu
+            return not catalog
+        if action in ("more_cards", "fewer_cards"):  # a count is for catalog cards; this machine's are chosen
+            return catalog
         return True
+
+    def action_more_cards(self) -> None:
+        self._cards(+1)
+
+    def action_fewer_cards(self) -> None:
+        self._cards(-1)
+
+    def _cards(self, step: int) -> None:
+        try:
+            self.state.set_card_count(self.state.request.gpu_count + step)
+        except UserError as e:
+            self.notify(str(e), severity="warning")
+            return
+        self.wizard.changed()
 
     def action_toggle(self) -> None:
         st = self.state
