@@ -115,8 +115,11 @@ def test_fsdp_plugin_built_from_that_environment_is_fsdp_qlora(strategy: str, of
 
     for key, value in accelerate_env(_preset(strategy)).items():
         monkeypatch.setenv(key, value)
-    # sync_module_states makes the plugin ask for the current CUDA device; this machine has none
-    monkeypatch.setattr(acc_dc, "is_cuda_available", lambda: True)
+    # sync_module_states makes the plugin ask for the CUDA device; this machine has none. Builds of
+    # accelerate 1.16 ask in one of two ways (is_cuda_available, or get_torch_accelerator_backend).
+    monkeypatch.setattr(acc_dc, "is_cuda_available", lambda: True, raising=False)
+    monkeypatch.setattr(acc_dc, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", acc_dc.torch.cuda),
+                        raising=False)
     monkeypatch.setattr(acc_dc.torch.cuda, "current_device", lambda: 0)
     plugin = acc_dc.FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 1 and plugin.sharding_strategy.name == "FULL_SHARD"

@@ -394,7 +394,7 @@ async def test_launch_asks_first_then_opens_the_monitor(tmp_path: Path):
 
     launched = []
 
-    def launcher(preset):
+    def launcher(preset, *, online=False):
         launched.append(preset)
         return _FakeRun("demo-run", RunPaths(tmp_path / "demo-run"))
 
@@ -410,6 +410,47 @@ async def test_launch_asks_first_then_opens_the_monitor(tmp_path: Path):
         await pilot.pause()
         assert len(launched) == 1 and launched[0].training == app.state.plan.knobs
         assert isinstance(app.screen, MonitorScreen)
+
+
+async def test_launch_of_a_model_not_on_this_machine_asks_to_download_it(tmp_path: Path):
+    """Pre-flight's ModelNotLocal becomes a question; yes launches again with the worker online."""
+    from tuiwiz.runs.preflight import ModelNotLocal
+    from tuiwiz.tui.monitor import MonitorScreen
+
+    calls: list[bool] = []
+
+    def launcher(preset, *, online=False):
+        calls.append(online)
+        if not online:
+            raise ModelNotLocal("model org/big: not in the HF cache.", model_id="org/big")
+        return _FakeRun("demo-run", RunPaths(tmp_path / "demo-run"))
+
+    app = build(start_step="plan", launcher=launcher)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+l", "y")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and calls == [False],
+                       "the download question")
+        assert "org/big" in str(app.screen.query_one("#question", Static).render())
+        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen), "the monitor")
+        assert calls == [False, True]
+
+
+async def test_a_refused_launch_shows_why_and_stays_on_the_plan(tmp_path: Path):
+    from tuiwiz.errors import UserError
+
+    def launcher(preset, *, online=False):
+        raise UserError("runs dir /nowhere: not writable.", field="runs_dir")
+
+    app = build(start_step="plan", launcher=launcher)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+l", "y")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), "the error panel")
+        assert "not writable" in app.screen.message and app.screen.title_text == "Launch failed"
+        await pilot.press("escape")
+        assert type(app.screen).__name__ == "PlanScreen"
 
 
 # ---- issue 16: one key rule, arrival focus, provisional verdict, tokenizer field, key bar --------

@@ -343,6 +343,11 @@ def hf_cache_dirs() -> list[Path]:
     return dirs
 
 
+def is_hub_id(model_id: str) -> bool:
+    """True for an "org/name" Hub id; False for paths (absolute, relative, ~) and bare names."""
+    return model_id.count("/") == 1 and not model_id.startswith(("/", ".", "~"))
+
+
 def find_in_hf_cache(model_id: str, filename: str = "config.json") -> Path | None:
     """Path of `filename` for `model_id` in the local HF cache, or None. Never touches the network."""
     if "/" not in model_id:

@@ -24,7 +24,7 @@ from tuiwiz.errors import BadValue, CannotWrite, NotFound, UserError
 from tuiwiz.gpu_features import flash_attn_installed, flash_attn_problem, parse_capability
 from tuiwiz.hardware import GpuInfo, read_gpus
 from tuiwiz.jsonfile import read_json_object
-from tuiwiz.models import ModelSpec, find_in_hf_cache, hf_cache_dirs, resolve_model
+from tuiwiz.models import ModelSpec, find_in_hf_cache, hf_cache_dirs, is_hub_id, resolve_model
 from tuiwiz.planning.knobs import TrainingKnobs
 from tuiwiz.planning.memory import lora_weights_bytes, optimizer_state_bytes
 from tuiwiz.planning.schedule import SAVE_TOTAL_LIMIT, early_stopping_on, eval_and_save_steps
@@ -129,10 +129,6 @@ def check_dataset(preset: Preset, sample_rows: int = SAMPLE_ROWS) -> DataCheck:
 # ------------------------------------------------------------------ model and tokenizer
 
 
-def _is_hub_id(model_id: str) -> bool:
-    return model_id.count("/") == 1 and not model_id.startswith(("/", ".", "~"))
-
-
 def weights_problem(folder: Path) -> str | None:
     """Why `from_pretrained(folder)` would find no weights, or None (a sharded index needs its shards)."""
     for name in WEIGHT_FILES:
@@ -195,10 +191,10 @@ def model_folder(preset: Preset, *, online: bool = False) -> tuple[Path | None, 
         _check_folder(folder, "model.path" if preset.model.path else "model.id")
         return folder, []
     mid = preset.model.id
-    cached = find_in_hf_cache(mid, "config.json") if _is_hub_id(mid) else None
+    cached = find_in_hf_cache(mid, "config.json") if is_hub_id(mid) else None
     if cached is not None and weights_problem(cached.parent) is None:
         return cached.parent, []
-    if online and _is_hub_id(mid):
+    if online and is_hub_id(mid):
         return None, [f"model {mid} is not (completely) in the local HF cache: the worker will download it."]
     looked = _cache_dirs()
     if cached is not None:
@@ -234,10 +230,10 @@ def tokenizer_file(preset: Preset, *, online: bool = False) -> tuple[Path | None
             raise NotFound(f"{folder}: no tokenizer.json in the model folder; set model.tokenizer to a folder "
                            "that has it.", path=folder, field="tokenizer")
         return f, []
-    cached = find_in_hf_cache(m.id, "tokenizer.json") if _is_hub_id(m.id) else None
+    cached = find_in_hf_cache(m.id, "tokenizer.json") if is_hub_id(m.id) else None
     if cached is not None:
         return cached, []
-    if online and _is_hub_id(m.id):
+    if online and is_hub_id(m.id):
         return None, [f"tokenizer of {m.id} is not in the local HF cache: the worker has to download it."]
     raise ModelNotLocal(f"model {m.id}: no tokenizer.json in the HF cache ({_cache_dirs()}); "
                         f"{_download_hint(m.id)}, or set model.tokenizer.", model_id=m.id, field="tokenizer")

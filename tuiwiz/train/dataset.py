@@ -6,9 +6,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuiwiz.data import encode_sample, iter_conversations, load_tokenizer
+from tuiwiz.data import CountingTokenizer, encode_sample, iter_conversations, load_tokenizer
+from tuiwiz.data.tokenizer import load_tokenizer_folder
 from tuiwiz.errors import UserError
+from tuiwiz.models import is_hub_id
 from tuiwiz.preset import Preset
+
+# What rendering and counting read from a Hub repo: never the weights (from_pretrained fetches those).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "config.json")
 
 
 @dataclass
@@ -42,15 +48,31 @@ def split_train_eval(rows: list[Any], val_ratio: float, seed: int) -> tuple[list
     return ([r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx])
 
 
+def training_tokenizer(preset: Preset) -> CountingTokenizer:
+    """The model's exact tokenizer: from disk or the HF cache, else (a run launched `--online`, so
+    HF_HUB_OFFLINE is unset) downloaded from the Hub into the HF cache. Never an approximation."""
+    from huggingface_hub import is_offline_mode
+
+    m = preset.model
+    tok = load_tokenizer(m.tokenizer or m.path, model_id=m.id)
+    if not getattr(tok, "approximate", False):
+        return tok
+    if is_hub_id(m.id) and not is_offline_mode():
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(m.id, allow_patterns=list(TOKENIZER_FILES))
+        return load_tokenizer_folder(folder, name=m.id)
+    raise UserError(f"model {m.id}: no tokenizer.json found offline (training needs the exact one); set "
+                    "model.tokenizer or model.path in the preset to a folder that has it, or launch with --online.",
+                    field="tokenizer")
+
+
 def build_examples(preset: Preset) -> BuiltData:
     """Render every conversation with `tuiwiz.data.encode_sample`, truncate, drop rows with nothing to learn."""
     if preset.dataset is None:
         raise UserError("preset has no dataset: set dataset.path (and layout) before launching.")
     knobs = preset.training
-    tok = load_tokenizer(preset.model.tokenizer or preset.model.path, model_id=preset.model.id)
-    if getattr(tok, "approximate", False):
-        raise UserError(f"model {preset.model.id}: no tokenizer.json found offline (training needs the exact one); "
-                        "set model.tokenizer or model.path in the preset to a folder that has it.")
+    tok = training_tokenizer(preset)
     rows: list[dict[str, list[int]]] = []
     total = truncated = dropped = tokens = 0
     for sample in iter_conversations(preset.dataset):

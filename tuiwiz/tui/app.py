@@ -17,7 +17,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from textual import work
 from textual.binding import Binding
@@ -27,8 +27,8 @@ from tuiwiz.errors import CancelledError
 from tuiwiz.hardware import GpuInfo, HardwareInventory
 from tuiwiz.planner import PlanRequest, profile_for, read_model, tokenizer_for
 from tuiwiz.tui.base_app import BaseApp
-from tuiwiz.tui.messages import (GpusPolled, HardwareDetected, ModelChoices, ModelResolved, PreviewReady,
-                                 ProfileDone, ProfileProgress, RunLaunched, TokenizerChosen)
+from tuiwiz.tui.messages import (GpusPolled, HardwareDetected, LaunchNeedsDownload, ModelChoices, ModelResolved,
+                                 PreviewReady, ProfileDone, ProfileProgress, RunLaunched, TokenizerChosen)
 from tuiwiz.tui.screens.base import STEPS, WizardScreen
 from tuiwiz.tui.screens.dataset import DatasetScreen
 from tuiwiz.tui.screens.hardware import HardwareScreen
@@ -48,7 +48,10 @@ POLL_S = 1.5
 
 GpuReader = Callable[[], list[GpuInfo]]
 TokenizerLoader = Callable[[PlanRequest], "CountingTokenizer"]
-Launcher = Callable[["Preset"], "LaunchedRun"]
+class Launcher(Protocol):
+    """Starts a detached run; `online` lets its worker download what is not on this machine."""
+
+    def __call__(self, preset: Preset, *, online: bool = False) -> LaunchedRun: ...
 
 
 def _default_gpu_reader() -> list[GpuInfo]:
@@ -57,10 +60,10 @@ def _default_gpu_reader() -> list[GpuInfo]:
     return read_gpus()
 
 
-def _default_launcher(preset: Preset) -> LaunchedRun:
+def _default_launcher(preset: Preset, *, online: bool = False) -> LaunchedRun:
     from tuiwiz.runs.launcher import launch
 
-    return launch(preset)
+    return launch(preset, online=online)
 
 
 #: The wizard's keys. Navigation is on keys that never type (F-keys, ctrl); the plain keys
@@ -302,8 +305,25 @@ class WizardApp(BaseApp):
 
     # ---- launch ---------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def launch_run(self, preset: Preset) -> None:
-        self.post_message(RunLaunched(self.launcher(preset)))
+    def launch_run(self, preset: Preset, online: bool = False) -> None:
+        from tuiwiz.runs.preflight import ModelNotLocal
+
+        try:
+            launched = self.launcher(preset, online=online)
+        except ModelNotLocal as e:  # not a failure yet: the user may allow the download
+            self.post_message(LaunchNeedsDownload(preset, str(e)))
+            return
+        self.post_message(RunLaunched(launched))
+
+    def on_launch_needs_download(self, msg: LaunchNeedsDownload) -> None:
+        from tuiwiz.tui.screens.modals import ConfirmScreen
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.launch_run(msg.preset, online=True)
+
+        self.push_screen(ConfirmScreen(f"{msg.why}\n\nLet the run download it from the Hugging Face Hub? "
+                                       "(A detached run otherwise never goes online.)", yes="Download"), answered)
 
     def on_run_launched(self, msg: RunLaunched) -> None:
         from tuiwiz.tui.monitor import MonitorScreen

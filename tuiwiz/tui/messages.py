@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from tuiwiz.data import CountingTokenizer, LengthProfile
     from tuiwiz.hardware import GpuInfo, HardwareInventory
     from tuiwiz.models import ModelSpec
+    from tuiwiz.preset import Preset
     from tuiwiz.runs.launcher import LaunchedRun
     from tuiwiz.tui.state import Preview
 
@@ -92,3 +93,12 @@ class RunLaunched(Message):
     def __init__(self, launched: LaunchedRun) -> None:
         super().__init__()
         self.launched = launched
+
+
+class LaunchNeedsDownload(Message):
+    """Pre-flight found the model (or its tokenizer) missing offline: ask before letting the worker fetch it."""
+
+    def __init__(self, preset: Preset, why: str) -> None:
+        super().__init__()
+        self.preset = preset
+        self.why = why
