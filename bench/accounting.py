@@ -22,36 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tuiwiz, and the tests' accounting helpers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _accounting import account_forward, build_qlora, case_id, tiny_config  # noqa: E402
-from test_activations import BATCH, CASES as SAVED_CASES, SEQ  # noqa: E402
+from _accounting import case_id  # noqa: E402
+from test_activations import BATCH, CASES as SAVED_CASES, SEQ, measure_saved  # noqa: E402
 from test_step_peak import CASES as STEP_CASES, measure  # noqa: E402
 
-from tuiwiz.models import spec_from_config  # noqa: E402
 from tuiwiz.planning import activations as act  # noqa: E402
-from tuiwiz.planning.knobs import TrainingKnobs  # noqa: E402
 
 
 def saved_table() -> None:
     """What one forward leaves alive for backward: the last layer and outside the layers."""
     worst = 0.0
     for case in SAVED_CASES:
-        fam, attn, gc, rank, dropout, targets, qb = case
-        cfg = tiny_config(fam)
-        spec = spec_from_config(cfg, f"tiny-{fam}", "test")
-        names = list(spec.resolve_targets(targets if isinstance(targets, str) else tuple(targets)))
-        model = build_qlora(cfg, rank=rank, dropout=dropout, targets=names, attn=attn, grad_checkpointing=gc,
-                            quant_bits=qb)
-        acc = account_forward(model, BATCH, SEQ, cfg["vocab_size"], backward=False)
-        knobs = TrainingKnobs(quant_bits=qb, lora_rank=rank, lora_dropout=dropout, target_modules=targets,
-                              attn=attn, grad_checkpointing=gc, micro_batch_size=BATCH, cutoff_len=SEQ)
+        spec, knobs, acc = measure_saved(case)
+        gc = knobs.grad_checkpointing
         tokens = BATCH * SEQ
         layer_est = (tokens * act.checkpoint_bytes_per_token(spec, knobs) if gc else
                      tokens * act.layer_saved_bytes_per_token(spec, knobs, SEQ) + act.layer_saved_fixed_bytes(spec, knobs))
-        layer_got = acc.per_layer[-1]
+        # the last layer's output: kept by nothing under checkpointing on a 16-bit stream
+        layer_got = acc.per_layer[0] if gc else acc.per_layer[-1]
         out_est = act.outside_saved_bytes(spec, knobs, BATCH, SEQ)
         e1, e2 = layer_est / layer_got - 1, out_est / acc.other - 1
         worst = max(worst, abs(e1), abs(e2))
-        print(f"{case_id(case):45s} layer {layer_got:8d} est {layer_est:8d} ({e1:+.2%})  "
+        print(f"{case_id(case):55s} layer {layer_got:8d} est {layer_est:8d} ({e1:+.2%})  "
               f"outside {acc.other:7d} est {out_est:7d} ({e2:+.2%})")
     print(f"worst |error|: {worst:.2%}")
 
@@ -63,7 +55,7 @@ def step_table() -> None:
         measured, estimated = measure(case)
         err = estimated / measured.peak - 1
         worst = max(worst, abs(err))
-        print(f"{case_id(case):45s} measured {measured.peak:12,d} at {measured.peak_phase:15s} "
+        print(f"{case_id(case):55s} measured {measured.peak:12,d} at {measured.peak_phase:15s} "
               f"estimated {estimated:12,d} ({err:+.1%})")
     print(f"worst |error|: {worst:.1%}")
 

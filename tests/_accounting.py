@@ -49,10 +49,22 @@ def tiny_config(family: str, layers: int = 3, vocab: int = 640) -> dict:
 
 
 def case_id(case: tuple) -> str:
-    """A test id for a (family, attn, grad_checkpointing, rank, dropout, targets, quant_bits) case."""
-    fam, attn, gc, r, p, t, qb = case
+    """A test id for a (family, attn, grad_checkpointing, rank, dropout, targets, quant_bits, residual)
+    case; the residual may be left off (the knob's default)."""
+    fam, attn, gc, r, p, t, qb, *rest = case
     tgt = t if isinstance(t, str) else "+".join(t)
-    return f"{fam}-{attn}-{'gc' if gc else 'nogc'}-r{r}-p{p}-{tgt}-{qb}bit"
+    res = f"-res{rest[0]}" if rest else ""
+    return f"{fam}-{attn}-{'gc' if gc else 'nogc'}-r{r}-p{p}-{tgt}-{qb}bit{res}"
+
+
+def case_knobs(case: tuple, **more: object):
+    """The TrainingKnobs of an accounting case (LoRA alpha 2 x rank, as `build_qlora` builds)."""
+    from tuiwiz.planning.knobs import TrainingKnobs
+
+    fam, attn, gc, rank, dropout, targets, qb, *rest = case
+    res = {"residual": rest[0]} if rest else {}
+    return TrainingKnobs(quant_bits=qb, lora_rank=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                         target_modules=targets, attn=attn, grad_checkpointing=gc, **res, **more)
 
 
 _SAVED: dict[str, str] = {}
@@ -83,7 +95,7 @@ class _NativeDropout(torch.nn.Module):
 
 
 def build_qlora(cfg: dict, *, rank: int, dropout: float, targets: str | list[str], attn: str,
-                grad_checkpointing: bool, quant_bits: int = 4):
+                grad_checkpointing: bool, quant_bits: int = 4, residual: str | None = None):
     """The worker's model: `tuiwiz.train.build.build_model` (NF4 + double quant, bf16 compute,
     k-bit preparation) plus what trl 1.16's SFTTrainer does to it before training: LoRA from
     `lora_config`, input gradients on under checkpointing, adapters cast to bf16 on a quantized
@@ -95,7 +107,8 @@ def build_qlora(cfg: dict, *, rank: int, dropout: float, targets: str | list[str
     from tuiwiz.train.build import build_model, lora_config
 
     knobs = TrainingKnobs(quant_bits=quant_bits, lora_rank=rank, lora_alpha=2 * rank, lora_dropout=dropout,
-                          target_modules=targets, attn=attn, grad_checkpointing=grad_checkpointing)
+                          target_modules=targets, attn=attn, grad_checkpointing=grad_checkpointing,
+                          **({"residual": residual} if residual else {}))
     model = build_model(saved_base(cfg), knobs, device="cpu")
     if quant_bits == 16:
         for prm in model.parameters():

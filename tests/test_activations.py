@@ -5,8 +5,8 @@ NF4, k-bit preparation, peft LoRA, trl's fused LM head, bf16 autocast); `tests/_
 counts the storages the forward leaves alive, per decoder layer. The estimator's formulas are
 evaluated for the same dimensions, batch and length and must agree within 2%.
 
-The default run checks three representative setups (SDPA and eager without checkpointing,
-SDPA with it); `pytest --full` checks all fifteen (see tests/conftest.py).
+The default run checks six representative setups; `pytest --full` checks all 27, the k-bit
+ones with both residual streams (see tests/conftest.py).
 `python bench/accounting.py` prints the measured-vs-estimated table.
 """
 
@@ -23,7 +23,7 @@ pytest.importorskip("trl")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _accounting import account_forward, build_qlora, case_id, tiny_config  # noqa: E402
+from _accounting import account_forward, build_qlora, case_id, case_knobs, tiny_config  # noqa: E402
 from lanes import lane  # noqa: E402
 
 from tuiwiz.models import spec_from_config  # noqa: E402
@@ -52,22 +52,29 @@ CASES = [
     ("llama", "sdpa", False, 8, 0.0, "all-linear", 16),
     ("qwen2", "eager", False, 8, 0.05, "attn", 16),
 ]
+#: The k-bit setups again with peft's fp32 residual stream (`residual: fp32`; the rest run the default).
+CASES += [(*c, "fp32") for c in CASES if c[6] == 4]
 #: The default lane: every saved-tensor law of a layer without checkpointing, SDPA and eager
-#: (Gemma 2's softcapping), and the checkpointed layer.
-QUICK = [CASES[0], CASES[6], CASES[8]]
+#: (Gemma 2's softcapping), the checkpointed layer, shared LoRA inputs and Phi-3's fused qkv on a
+#: 16-bit stream, and the fp32 stream.
+QUICK = [CASES[0], CASES[2], CASES[6], CASES[8], CASES[10], CASES[15]]
 
 
 @pytest.fixture(scope="module", params=lane(CASES, QUICK, case_id))
 def measured(request):
-    fam, attn, gc, rank, dropout, targets, qb = request.param
+    return measure_saved(request.param)
+
+
+def measure_saved(case: tuple) -> tuple:
+    """(spec, knobs, the forward's accounting) for one case."""
+    fam, attn, gc, rank, dropout, targets, qb, *rest = case
     cfg = tiny_config(fam)
     spec = spec_from_config(cfg, f"tiny-{fam}", "test")
     names = list(spec.resolve_targets(targets if isinstance(targets, str) else tuple(targets)))
+    knobs = case_knobs(case, micro_batch_size=BATCH, cutoff_len=SEQ)
     model = build_qlora(cfg, rank=rank, dropout=dropout, targets=names, attn=attn, grad_checkpointing=gc,
-                        quant_bits=qb)
+                        quant_bits=qb, residual=knobs.residual)
     acc = account_forward(model, BATCH, SEQ, cfg["vocab_size"])
-    knobs = TrainingKnobs(quant_bits=qb, lora_rank=rank, lora_dropout=dropout, target_modules=targets, attn=attn,
-                          grad_checkpointing=gc, micro_batch_size=BATCH, cutoff_len=SEQ)
     return spec, knobs, acc
 
 
@@ -80,7 +87,9 @@ def test_each_decoder_layer_keeps_what_the_estimator_says(measured):
     tokens = BATCH * SEQ
     if knobs.grad_checkpointing:
         expected = tokens * act.checkpoint_bytes_per_token(spec, knobs)
-        layers = acc.per_layer
+        kept = act.checkpointed_layers_kept(spec, knobs)
+        assert all(got == 0 for got in acc.per_layer[kept:]), acc.per_layer  # the last, on a 16-bit stream
+        layers = acc.per_layer[:kept]
     else:
         expected = (tokens * act.layer_saved_bytes_per_token(spec, knobs, SEQ)
                     + act.layer_saved_fixed_bytes(spec, knobs))

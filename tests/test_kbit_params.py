@@ -5,8 +5,8 @@ constants), the dtypes k-bit preparation leaves on embeddings, head and norms, a
 adapters' count and dtype can be read off a tiny model of each family and compared with
 `tuiwiz.planning.memory`.
 
-The default run checks Llama and Gemma 2 (tied embeddings, eager); `pytest --full` adds
-Qwen2 and Phi-3 (see tests/conftest.py).
+The default run checks Llama on the default bf16 stream and Gemma 2 (tied embeddings, eager) with
+peft's fp32 upcast; `pytest --full` runs all four families with both (see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -33,16 +33,18 @@ RANK = 16
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=lane(FAMILIES, ["llama", "gemma2"]))
+@pytest.fixture(scope="module", params=lane([(f, r) for f in FAMILIES for r in ("bf16", "fp32")],
+                                             [("llama", "bf16"), ("gemma2", "fp32")], lambda p: "-".join(p)))
 def prepared(request):
-    fam = request.param
+    fam, residual = request.param
     cfg = tiny_config(fam, layers=2, vocab=1024)
     cfg.update(hidden_size=256, intermediate_size=FAMILIES_INTER[fam])
     spec = spec_from_config(cfg, f"tiny-{fam}", "test")
     names = list(spec.resolve_targets("all-linear"))
     attn = "eager" if fam == "gemma2" else "sdpa"
-    model = build_qlora(cfg, rank=RANK, dropout=0.05, targets=names, attn=attn, grad_checkpointing=True)
-    knobs = TrainingKnobs(lora_rank=RANK, target_modules="all-linear", attn=attn)
+    model = build_qlora(cfg, rank=RANK, dropout=0.05, targets=names, attn=attn, grad_checkpointing=True,
+                        residual=residual)
+    knobs = TrainingKnobs(lora_rank=RANK, target_modules="all-linear", attn=attn, residual=residual)
     return spec, knobs, model
 
 
@@ -79,11 +81,13 @@ def test_every_decoder_linear_is_4bit_and_nothing_else_is(prepared):
     assert not isinstance(model.get_output_embeddings(), bnb.nn.Linear4bit)
 
 
-def test_preparation_leaves_embeddings_head_and_norms_fp32(prepared):
+def test_embeddings_head_and_norms_are_in_the_residual_dtype_and_counted(prepared):
+    """bf16 by default; peft's k-bit preparation (`residual: fp32`) upcasts them to fp32."""
     spec, knobs, model = prepared
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    assert emb.dtype == torch.float32 and head.dtype == torch.float32
+    want = torch.float32 if knobs.residual == "fp32" else torch.bfloat16
+    assert emb.dtype == want and head.dtype == want
     assert (emb.data_ptr() == head.data_ptr()) == spec.tied_embeddings
     frozen = {p.data_ptr(): p for p in model.parameters()
               if not p.requires_grad and p.__class__.__name__ != "Params4bit"}  # tied: one storage

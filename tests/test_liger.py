@@ -56,7 +56,8 @@ def test_transformers_mlp_keeps_three_intermediate_tensors_per_token() -> None:
 def test_liger_takes_one_mlp_tensor_per_layer_and_token_off_an_fp32_stream() -> None:
     """NF4 base, fp32 residual, no checkpointing: each layer keeps 4 x intermediate bytes less per
     token, and the norms save nothing (their input is already fp32). Peak moves by that plus slack."""
-    k = TrainingKnobs(micro_batch_size=2, cutoff_len=512, grad_checkpointing=False, batching="padding_free")
+    k = TrainingKnobs(micro_batch_size=2, cutoff_len=512, grad_checkpointing=False, batching="padding_free",
+                      residual="fp32")
     tokens = 2 * 512
     expected = LLAMA.layers * tokens * 4 * LLAMA.intermediate
     saved = liger_saving_bytes(LLAMA, k)

@@ -40,7 +40,7 @@ def test_full_logits_scale_with_vocab():
 def test_peak_is_the_larger_phase_and_the_terms_shown_are_the_ones_alive_then():
     """Sizes worked out by hand from the configs (fp32 residual stream on a 4-bit base; trl's
     head tile is 4096 tokens x 32768 columns of bf16), not from the estimator's functions."""
-    k = TrainingKnobs(cutoff_len=4096, micro_batch_size=1, grad_checkpointing=True)
+    k = TrainingKnobs(cutoff_len=4096, micro_batch_size=1, grad_checkpointing=True, residual="fp32")
     q = resolve_model("Qwen/Qwen2.5-7B")  # 28 layers, hidden 3584, MLP 18944
     est = estimate_memory(q, k)
     head_tile = 4096 * 32768 * 2

@@ -12,8 +12,9 @@ a dequantized weight or the head's tile, would swamp them). trl's logits tile is
 columns whatever the vocabulary; it is shrunk to the tiny vocabulary on both sides so the head
 does not hide the layers.
 
-The default run checks three representative setups (checkpointing on and off, SDPA and eager,
-Gemma 2's softcapping); `pytest --full` checks all nine (see tests/conftest.py).
+The default run checks four representative setups (checkpointing on and off, SDPA and eager,
+Gemma 2's softcapping, the fp32 stream); `pytest --full` checks all 17, the k-bit ones with both
+residual streams (see tests/conftest.py).
 `python bench/accounting.py` prints the measured-vs-estimated table.
 """
 
@@ -30,12 +31,11 @@ pytest.importorskip("trl")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _accounting import account_step, build_qlora, case_id, tiny_config  # noqa: E402
+from _accounting import account_step, build_qlora, case_id, case_knobs, tiny_config  # noqa: E402
 from lanes import lane  # noqa: E402
 
 from tuiwiz.models import spec_from_config  # noqa: E402
 from tuiwiz.planning import activations as act  # noqa: E402
-from tuiwiz.planning.knobs import TrainingKnobs  # noqa: E402
 from tuiwiz.planning.memory import estimate_memory  # noqa: E402
 
 TOL = 0.06
@@ -54,8 +54,10 @@ CASES = [
     ("phi3", "sdpa", True, 8, 0.05, "all-linear", 4),
     ("llama", "sdpa", True, 8, 0.05, "all-linear", 16),
 ]
+#: The k-bit setups again with peft's fp32 residual stream (`residual: fp32`; the rest run the default).
+CASES += [(*c, "fp32") for c in CASES if c[6] == 4]
 #: The default lane: one setup per code path the estimate distinguishes most.
-QUICK = [CASES[1], CASES[4], CASES[6]]
+QUICK = [CASES[1], CASES[4], CASES[6], CASES[9]]
 
 
 def wide_config(family: str) -> dict:
@@ -67,15 +69,14 @@ def wide_config(family: str) -> dict:
 
 def measure(case) -> tuple:
     """(measured StepPeak, the estimate's non-static terms in bytes) for one setup."""
-    fam, attn, gc, rank, dropout, targets, qb = case
+    fam, attn, gc, rank, dropout, targets, qb, *rest = case
     cfg = wide_config(fam)
     spec = spec_from_config(cfg, f"wide-{fam}", "test")
     names = list(spec.resolve_targets(targets if isinstance(targets, str) else tuple(targets)))
+    knobs = case_knobs(case, micro_batch_size=BATCH, cutoff_len=SEQ)
     model = build_qlora(cfg, rank=rank, dropout=dropout, targets=names, attn=attn, grad_checkpointing=gc,
-                        quant_bits=qb)
+                        quant_bits=qb, residual=knobs.residual)
     measured = account_step(model, BATCH, SEQ, VOCAB, vocab_chunk=VOCAB)
-    knobs = TrainingKnobs(quant_bits=qb, lora_rank=rank, lora_dropout=dropout, target_modules=targets, attn=attn,
-                          grad_checkpointing=gc, micro_batch_size=BATCH, cutoff_len=SEQ)
     chunk, act.TRL_VOCAB_CHUNK = act.TRL_VOCAB_CHUNK, VOCAB  # the same tile width as the measured step
     try:
         est = estimate_memory(spec, knobs)

@@ -98,22 +98,61 @@ def _targets(spec: ModelSpec, knobs: TrainingKnobs) -> dict[str, tuple[int, int]
     return spec.resolve_targets(t)
 
 
-def _lora_saved(name: str, d_in: int, spec: ModelSpec, knobs: TrainingKnobs) -> int:
+#: LoRA targets that read the same tensor: the attention norm's output, and the MLP norm's.
+_SAME_INPUT = ({"q_proj", "k_proj", "v_proj", "qkv_proj"}, {"gate_proj", "up_proj", "gate_up_proj"})
+
+
+def _lora_input_uncast(knobs: TrainingKnobs) -> bool:
+    """lora_A reads the very tensor the base layer reads: a 16-bit stream into bf16 adapters with
+    no dropout. (An fp32 stream gets an autocast copy per module; fp32 adapters make peft cast
+    the input to fp32 first; dropout makes a new tensor per module.)"""
+    return not residual_fp32(knobs) and not adapters_fp32(knobs) and knobs.lora_dropout == 0
+
+
+def _lora_saved(name: str, d_in: int, spec: ModelSpec, knobs: TrainingKnobs, *, shared: bool = False) -> int:
     """One LoRA branch per token: lora_B's rank-wide bf16 input, plus lora_A's bf16 input.
 
     With dropout the mask (1 byte, CUDA's fused dropout) and the dropout output are new tensors.
-    Without it lora_A still keeps a bf16 input of its own per module (measured: q, k and v do not
-    share one, on quantized and 16-bit bases alike), except o_proj on a quantized base with SDPA,
-    whose input is the SDPA output that SDPA keeps anyway.
+    Without it lora_A keeps a bf16 input of its own per module on an fp32 stream or with fp32
+    adapters (measured: q, k and v do not share one then). On a 16-bit stream into bf16
+    adapters it keeps the tensor the base layer reads, so modules reading the same one
+    (`shared`: not the first of `_SAME_INPUT`'s group) add nothing. o_proj on a quantized base
+    with SDPA reads the SDPA output, which SDPA keeps anyway.
     """
     c = COMPUTE_BYTES
     per = c * knobs.lora_rank
     if knobs.lora_dropout > 0:
         return per + d_in + c * d_in
-    if (name == "o_proj" and residual_fp32(knobs) and not adapters_fp32(knobs)
-            and effective_attn(spec, knobs) != "eager"):
+    if name == "o_proj" and not adapters_fp32(knobs) and effective_attn(spec, knobs) != "eager":
+        return per
+    if shared and _lora_input_uncast(knobs):
         return per
     return per + c * d_in
+
+
+def _lora_saved_per_token(spec: ModelSpec, knobs: TrainingKnobs, names: set[str] | None = None) -> int:
+    """`_lora_saved` over the layer's targets (or those in `names`), each shared input counted once."""
+    seen: set[int] = set()
+    total = 0
+    for name, (d_in, _) in _targets(spec, knobs).items():
+        if names is not None and name not in names:
+            continue
+        group = next((i for i, g in enumerate(_SAME_INPUT) if name in g), None)
+        total += _lora_saved(name, d_in, spec, knobs, shared=group in seen)
+        if group is not None:
+            seen.add(group)
+    return total
+
+
+def _fused_qkv_extra(spec: ModelSpec, knobs: TrainingKnobs) -> int:
+    """Phi-3's fused qkv_proj on a 16-bit stream: v is a slice of the qkv output and reaches the
+    attention without a copy (no autocast cast, no GQA expansion), so what the attention keeps
+    of v keeps the whole qkv output alive: q and k's part on top, per token."""
+    if spec.model_type != "phi3" or residual_fp32(knobs):
+        return 0
+    if effective_attn(spec, knobs) == "eager" and spec.heads != spec.kv_heads:
+        return 0  # repeat_kv copies v
+    return COMPUTE_BYTES * (spec.q_dim + spec.kv_dim)
 
 
 def layer_saved_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: int) -> int:
@@ -138,9 +177,7 @@ def layer_saved_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_len: 
     if not spec.is_moe:
         total += _mlp_saved_tensors(spec, knobs) * residual_bytes(knobs) * i
 
-    for name, (d_in, _) in _targets(spec, knobs).items():
-        total += _lora_saved(name, d_in, spec, knobs)
-    return total
+    return total + _fused_qkv_extra(spec, knobs) + _lora_saved_per_token(spec, knobs)
 
 
 def _norm_saved_per_unit(spec: ModelSpec, knobs: TrainingKnobs) -> int:
@@ -173,6 +210,13 @@ def layer_saved_fixed_bytes(spec: ModelSpec, knobs: TrainingKnobs) -> int:
 def checkpoint_bytes_per_token(spec: ModelSpec, knobs: TrainingKnobs) -> int:
     """With gradient checkpointing each layer keeps only its output (the next layer's input)."""
     return residual_bytes(knobs) * spec.hidden
+
+
+def checkpointed_layers_kept(spec: ModelSpec, knobs: TrainingKnobs) -> int:
+    """How many layer outputs checkpointing keeps: every layer's; on a 16-bit stream all but the
+    last, whose output only the final norm reads, and that keeps its own fp32 copy instead
+    (`outside_saved_bytes`)."""
+    return spec.layers if residual_bytes(knobs) == 4 else max(0, spec.layers - 1)
 
 
 def _mask_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, seq_len: int) -> int:
@@ -215,8 +259,7 @@ def _eager_backward_moment_per_token(spec: ModelSpec, knobs: TrainingKnobs, seq_
     softmax). The MLP's saved tensors and the probabilities' bf16 copy are freed by then."""
     c, h = COMPUTE_BYTES, spec.hidden
     keep = 4 * h + RSQRT_BYTES + 3 * c * spec.q_dim + 4 * spec.heads * seq_len
-    keep += sum(_lora_saved(name, d_in, spec, knobs) for name, (d_in, _) in _targets(spec, knobs).items()
-                if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
+    keep += _lora_saved_per_token(spec, knobs, _SAME_INPUT[0])
     return keep + 8 * spec.heads * seq_len
 
 
@@ -250,7 +293,7 @@ def kept_layer_bytes(spec: ModelSpec, knobs: TrainingKnobs, micro_batch: int, se
     Without checkpointing eager's `b x s x s` mask lives through the step as well."""
     tokens = micro_batch * seq_len
     if knobs.grad_checkpointing:
-        return spec.layers * tokens * checkpoint_bytes_per_token(spec, knobs)
+        return checkpointed_layers_kept(spec, knobs) * tokens * checkpoint_bytes_per_token(spec, knobs)
     per_layer = tokens * layer_saved_bytes_per_token(spec, knobs, seq_len) + layer_saved_fixed_bytes(spec, knobs)
     return spec.layers * per_layer + _row_mask_bytes(spec, knobs, micro_batch, seq_len)
 

@@ -104,9 +104,10 @@ class TrainingKnobs(BaseModel):
                           "chunked: the trainer's fused loss (no full logits); standard: full logits")
     trainer: Trainer = knob("tuiwiz", "--trainer", "trainer",
                             "the trainer that runs the plan: memory is estimated for its stack")
-    residual: Residual = knob("fp32", "--residual", "residual stream",
-                              "dtype of a k-bit base's embeddings, norms and residual stream: fp32 (peft's "
-                              "k-bit preparation) or bf16")
+    residual: Residual = knob("bf16", "--residual", "residual stream",
+                              "dtype of a k-bit base's embeddings, norms and residual stream: bf16 (the "
+                              "compute dtype, as LLaMA-Factory and Axolotl run it) or fp32 (peft's k-bit "
+                              "preparation; about twice the activations)")
     batching: Batching = knob("padded", "--batching", "batching",
                               "padded (to each micro-batch's longest), packed (whole samples in cutoff-long "
                               "rows; micro-batch counts rows) or padding_free (samples end to end); "
