@@ -191,8 +191,10 @@ def report_md(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "Both use NF4 with double quantization, LoRA r 16 / alpha 32 / dropout 0.05 on every linear layer, "
         "paged 8-bit AdamW (bitsandbytes falls back to non-paged on CPU), lr 2e-4, trl's chunked loss on "
-        "completion tokens only. What differs is what the plan chose: the batching (no padding slots) and, "
-        "when memory allows, no gradient checkpointing. The advisor's reasons:",
+        "completion tokens only. What differs is what the plan chose: the batching (no padding slots), "
+        "when memory allows no gradient checkpointing, and the residual stream (the classic script's peft "
+        f"k-bit preparation upcasts it to fp32; the plan's is {k['residual']}). The "
+        "advisor's reasons:",
         "",
         *[f"- {r}" for r in meta["plan_reasons"]],
         "",

@@ -10,9 +10,16 @@ that build models or train on CPU.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests never download: not a model, not a tokenizer, and not the CPU kernels bitsandbytes and
+# transformers would fetch through the `kernels` package when the Hub is reachable. Set before any
+# test module imports huggingface_hub, which reads these once.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
