@@ -383,6 +383,38 @@ async def test_plus_and_minus_plan_for_more_catalog_cards_and_the_command_says_s
     assert req.gpu_count == 2 and req.gpu == card  # the command plans the same two cards
 
 
+async def test_machines_are_planned_with_angle_brackets_and_exported_as_a_slurm_job(tmp_path: Path):
+    """> and < plan for more or fewer machines of the catalog card's shape; the export dialog writes
+    the same SLURM job `tuiwiz --auto ... --export slurm` writes, and bash accepts it."""
+    import subprocess
+
+    from tuiwiz.exports import plan_export_text
+
+    app = build(hardware=fixtures.no_nvml(), start_step="hardware")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.set_focus(None)
+        await pilot.press("plus", "greater_than_sign", "greater_than_sign")
+        await wait_for(pilot, lambda: app.state.plan is not None and app.state.plan.world_size == 6, "3 x 2 GPUs")
+        await pilot.press("less_than_sign")
+        await wait_for(pilot, lambda: app.state.plan is not None and app.state.plan.world_size == 4, "2 x 2 GPUs")
+        host = str(app.screen.query_one("#host", Static).render())
+        req = _parsed(app.state.auto_command())
+        await pilot.press("f5", "ctrl+s")
+        assert isinstance(app.screen, ExportScreen)
+        app.screen.query_one("#export-format", Select).value = "slurm"
+        field = app.screen.query_one("#export-path", Input)
+        field.value = str(tmp_path / "job.sbatch")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: (tmp_path / "job.sbatch").exists(), "the sbatch script")
+        expected = plan_export_text(app.state.plan.to_preset(), "slurm")
+    assert "2 machines like this: 4 GPUs in all" in host
+    assert (req.nodes, req.gpu_count) == (2, 2)
+    script = (tmp_path / "job.sbatch").read_text()
+    assert script == expected and "#SBATCH --nodes=2" in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
 @dataclass(frozen=True)
 class _FakeRun:
     run_id: str

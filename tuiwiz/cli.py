@@ -17,8 +17,6 @@ from tuiwiz import __version__
 from tuiwiz.errors import Clobber, UserError
 
 RUN_COMMANDS = ("launch", "runs", "attach", "stop", "resume")
-#: Exports that launch the plan on a cluster (tuiwiz.runs.cluster): an sbatch script, a per-node script.
-CLUSTER_EXPORTS = ("slurm", "torchrun")
 EXIT_FITS, EXIT_USAGE, EXIT_NO_FIT = 0, 2, 3
 
 
@@ -143,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--headroom", type=float, default=None, help="fraction of free memory kept spare (default 0.1)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="write the plan as a preset (or --export format) to this file")
-    o.add_argument("--export", choices=["preset", "llamafactory", "axolotl", *CLUSTER_EXPORTS], default="preset",
+    from tuiwiz.exports import EXPORT_FORMATS
+
+    o.add_argument("--export", choices=[f.key for f in EXPORT_FORMATS], default="preset",
                    help="what --out holds: a preset, another trainer's config, an sbatch script (slurm) or a "
                         "per-node launch script (torchrun)")
     o.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -232,17 +232,6 @@ def _check_shape(args: argparse.Namespace) -> None:
                          "with --num-gpus (and a card with --gpu).")
 
 
-def _export_text(preset, fmt: str) -> str:
-    """The plan in `fmt`: another trainer's config (tuiwiz.exports) or a cluster launch script."""
-    if fmt in CLUSTER_EXPORTS:
-        from tuiwiz.runs.cluster import cluster_script
-
-        return cluster_script(preset, fmt)
-    from tuiwiz.exports import export_text
-
-    return export_text(preset, fmt)
-
-
 def _list_models() -> str:
     from tuiwiz.planner import catalog_specs
 
@@ -267,27 +256,20 @@ def run_auto(args: argparse.Namespace) -> int:
         progress = cli_progress_printer()
     plan = plan_request(req, progress=progress, calibrate=not args.no_calibration)
     if args.out:
-        _write_output(plan, args)
+        from tuiwiz.exports import write_plan_export
+
+        write_plan_export(plan.to_preset(), args.export, args.out, force=args.force)
     if args.json:
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
     elif args.export != "preset" and not args.out:
-        sys.stdout.write(_export_text(plan.to_preset(), args.export))
+        from tuiwiz.exports import plan_export_text
+
+        sys.stdout.write(plan_export_text(plan.to_preset(), args.export))
     else:
         print(render_plan(plan))
         if args.out:
             print(f"\nwrote {args.out}")
     return EXIT_FITS if plan.advice.fits else EXIT_NO_FIT
-
-
-def _write_output(plan, args: argparse.Namespace) -> None:
-    from tuiwiz.atomic import write_text_atomic
-    from tuiwiz.preset import save_preset
-
-    preset = plan.to_preset()
-    if args.export == "preset":
-        save_preset(preset, args.out, force=args.force)
-    else:
-        write_text_atomic(args.out, _export_text(preset, args.export), force=args.force)
 
 
 def run_tui(args: argparse.Namespace) -> int:

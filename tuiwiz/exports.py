@@ -33,6 +33,46 @@ from tuiwiz.planning.stacks import STACKS, fit_to_trainer, residual_fp32
 from tuiwiz.preset import DatasetRef, Preset
 
 FORMATS = ("llamafactory", "axolotl")
+#: Exports that launch the plan on a cluster (tuiwiz.runs.cluster): an sbatch script, a per-node script.
+CLUSTER_FORMATS = ("slurm", "torchrun")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One thing a plan can be written as: the CLI's `--export` choices and the wizard's export dialog."""
+
+    key: str
+    label: str
+    filename: str
+
+
+EXPORT_FORMATS = (
+    ExportFormat("preset", "tuiwiz preset (YAML)", "tuiwiz-preset.yaml"),
+    ExportFormat("llamafactory", "LLaMA-Factory config", "llamafactory.yaml"),
+    ExportFormat("axolotl", "Axolotl config", "axolotl.yaml"),
+    ExportFormat("slurm", "SLURM job script (sbatch)", "job.sbatch"),
+    ExportFormat("torchrun", "torchrun launch script (per node)", "launch-node.sh"),
+)
+
+
+def plan_export_text(preset: Preset, fmt: str) -> str:
+    """The plan in `fmt` other than a preset: another trainer's config, or a cluster launch script."""
+    if fmt in CLUSTER_FORMATS:
+        from tuiwiz.runs.cluster import cluster_script
+
+        return cluster_script(preset, fmt)
+    return export_text(preset, fmt)
+
+
+def write_plan_export(preset: Preset, fmt: str, path: str | Path, *, force: bool = False) -> Path:
+    """Write the plan as `fmt` atomically. Raises `Clobber` if the file exists and not `force`."""
+    if fmt == "preset":
+        from tuiwiz.preset import save_preset
+
+        return save_preset(preset, path, force=force)
+    from tuiwiz.atomic import write_text_atomic
+
+    return write_text_atomic(path, plan_export_text(preset, fmt), force=force)
 
 # tuiwiz attention implementation -> each trainer's option (Axolotl: `attn_implementation`; its
 # sdp_attention / flash_attention / eager_attention booleans are deprecated).

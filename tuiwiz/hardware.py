@@ -93,8 +93,9 @@ GPU_CATALOG: tuple[CatalogGpu, ...] = (
     CatalogGpu("H200", 141, 143771, True, ("h200", "h200-141gb")),
 )
 
-#: The most GPUs one node can hold that a plan accepts.
+#: The most GPUs one node can hold, and the most nodes, that a plan accepts.
 MAX_GPUS_PER_NODE = 64
+MAX_NODES = 1024
 
 #: What `--auto` plans for when there is no NVML and no `--gpu`.
 DEFAULT_CATALOG_GPU = "GeForce RTX 4090"

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from pathlib import Path
 
 from tuiwiz.errors import BadValue, UserError
-from tuiwiz.hardware import GpuInfo, HardwareInventory, catalog_gpu, detect_hardware, gpus_from_catalog
+from tuiwiz.hardware import (MAX_GPUS_PER_NODE, MAX_NODES, GpuInfo, HardwareInventory, catalog_gpu, detect_hardware,
+                             gpus_from_catalog)
 from tuiwiz.model_catalog import CATALOG, DEFAULT_MODEL
 from tuiwiz.models import ModelSpec, resolve_model, spec_from_config
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM, Advice, advise, budget_bytes
@@ -230,11 +231,6 @@ def request_from_preset(preset: Preset, **overrides: Any) -> PlanRequest:
 def absolute(path: str | None) -> str | None:
     """A local path (model folder, tokenizer, dataset) made absolute, with ~ expanded."""
     return None if path is None else str(Path(path).expanduser().resolve())
-
-
-#: Bounds of the hardware shape (a preset's `hardware.count` has the same upper bound).
-MAX_GPUS_PER_NODE = 64
-MAX_NODES = 1024
 
 
 def check_request(req: PlanRequest) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuiwiz.atomic import write_text_atomic
 from tuiwiz.data.layouts import LAYOUTS, Layout
 from tuiwiz.errors import NotFound, UserError, bounded, shown
-from tuiwiz.hardware import MAX_GPUS_PER_NODE
+from tuiwiz.hardware import MAX_GPUS_PER_NODE, MAX_NODES
 from tuiwiz.planning.knobs import TrainingKnobs
 
 PRESET_VERSION = 1
@@ -51,7 +51,7 @@ class HardwareRef(_Strict):
     gpu: str = Field(min_length=1)
     memory_gib: float = Field(gt=0)
     count: int = Field(1, ge=1, le=MAX_GPUS_PER_NODE)  # GPUs per node
-    nodes: int = Field(1, ge=1, le=1024, description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
     indices: list[int] | None = None
     bf16: bool = True
 

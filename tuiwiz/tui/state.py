@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from tuiwiz.errors import BadValue, UserError
-from tuiwiz.hardware import DEFAULT_CATALOG_GPU, MAX_GPUS_PER_NODE, GpuInfo, HardwareInventory, catalog_gpu, gpus_from_catalog
+from tuiwiz.hardware import (DEFAULT_CATALOG_GPU, MAX_GPUS_PER_NODE, MAX_NODES, GpuInfo, HardwareInventory, catalog_gpu,
+                             gpus_from_catalog)
 from tuiwiz.planner import Plan, PlanRequest, check_request, flag_for, make_plan
 from tuiwiz.planning.advisor import DEFAULT_EFFECTIVE_BATCH, DEFAULT_HEADROOM
 from tuiwiz.planning.knobs import KNOB_BY_NAME, KNOBS, TrainingKnobs, format_knob
@@ -142,13 +143,21 @@ class WizardState:
         if name is not None:
             catalog_gpu(name)  # validates
         self.request = replace(self.request, gpu=name, gpu_indices=None if name else self.request.gpu_indices,
-                               gpu_count=self.request.gpu_count if name else 1)
+                               gpu_count=self.request.gpu_count if name else 1,
+                               nodes=self.request.nodes if name else 1)
 
     def set_card_count(self, count: int) -> None:
         """How many of the catalog card to plan for (1-64): FSDP shards across them when one is too small."""
         if not 1 <= count <= MAX_GPUS_PER_NODE:
             raise BadValue("gpu_count", count, f"plan for 1 to {MAX_GPUS_PER_NODE} cards")
         self.request = replace(self.request, gpu_count=count)
+
+    def set_node_count(self, nodes: int) -> None:
+        """How many machines of the catalog card's shape (1-1024): a run over several is exported as a
+        SLURM job or a per-node torchrun script, not launched from here."""
+        if not 1 <= nodes <= MAX_NODES:
+            raise BadValue("nodes", nodes, f"plan for 1 to {MAX_NODES} nodes")
+        self.request = replace(self.request, nodes=nodes)
 
     def update_gpus(self, gpus: list[GpuInfo] | tuple[GpuInfo, ...]) -> None:
         """Fresh NVML readings (from the polling worker) replace the detected ones."""
@@ -272,6 +281,8 @@ class WizardState:
             add("gpu", self.catalog_card)
             if req.gpu_count > 1:
                 add("gpu_count", str(req.gpu_count))
+            if req.nodes > 1:
+                add("nodes", str(req.nodes))
         elif req.gpu_indices:
             add("gpus", ",".join(map(str, req.gpu_indices)))
         for info in KNOBS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -36,7 +38,12 @@ class HardwareScreen(WizardScreen):
                 Binding("plus,equals_sign", "more_cards", "more", key_display="+",
                         tooltip="plan for one more of the catalog card"),
                 Binding("minus", "fewer_cards", "fewer", key_display="-",
-                        tooltip="plan for one fewer of the catalog card")]
+                        tooltip="plan for one fewer of the catalog card"),
+                Binding("greater_than_sign", "more_nodes", "nodes", key_display=">",
+                        tooltip="plan for one more machine (node) like this one: a multi-node run is exported "
+                                "as a SLURM job or torchrun script"),
+                Binding("less_than_sign", "fewer_nodes", "fewer nodes", key_display="<", show=False,
+                        tooltip="plan for one machine (node) fewer")]
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="hw-note")
@@ -71,7 +78,8 @@ class HardwareScreen(WizardScreen):
                                       "Space/Enter: use a GPU or not. g: plan for a catalog card instead."))
         else:
             note.update(Text.assemble(("No NVML: ", "bold yellow"), hw.nvml_problem or "planning for a catalog GPU.",
-                                      " Choose the card to plan for below (g), and how many (+/-)."))
+                                      " Choose the card to plan for below (g), how many (+/-) and on how "
+                                      "many machines (</>)."))
         plan_hw = st.plan_hardware()
         chosen = set(st.selected_indices())
         table = self.query_one("#gpus", DataTable)
@@ -85,8 +93,11 @@ class HardwareScreen(WizardScreen):
             table.move_cursor(row=min(cursor, table.row_count - 1))
         h = hw.host
         disk = "" if h.disk_free_gib is None else f", disk {h.disk_free_gib:.0f} GiB free"
+        nodes = st.request.nodes
+        across = (f"\nPlanning for {nodes} machines like this: {nodes * len(plan_hw.gpus)} GPUs in all "
+                  "(export it as a SLURM job or torchrun script)") if nodes > 1 else ""
         self.query_one("#host", Static).update(
-            f"Host: {h.cpu_cores} cores, RAM {h.ram_available_gib:.1f} of {h.ram_total_gib:.1f} GiB free{disk}")
+            f"Host: {h.cpu_cores} cores, RAM {h.ram_available_gib:.1f} of {h.ram_total_gib:.1f} GiB free{disk}{across}")
         select = self.query_one("#card", Select)
         options = self._card_options()
         key = tuple(v for _, v in options)
@@ -102,19 +113,26 @@ class HardwareScreen(WizardScreen):
         catalog = not self.state.nvml or bool(self.state.request.gpu)
         if action == "toggle":  # choosing GPUs is for this machine's own, seen through NVML
             return not catalog
-        if action in ("more_cards", "fewer_cards"):  # a count is for catalog cards; this machine's are chosen
-            return catalog
+        if action in ("more_cards", "fewer_cards", "more_nodes", "fewer_nodes"):
+            return catalog  # counts are for catalog cards; this machine's GPUs are chosen one by one
         return True
 
     def action_more_cards(self) -> None:
-        self._cards(+1)
+        self._shape(self.state.set_card_count, self.state.request.gpu_count + 1)
 
     def action_fewer_cards(self) -> None:
-        self._cards(-1)
+        self._shape(self.state.set_card_count, self.state.request.gpu_count - 1)
 
-    def _cards(self, step: int) -> None:
+    def action_more_nodes(self) -> None:
+        self._shape(self.state.set_node_count, self.state.request.nodes + 1)
+
+    def action_fewer_nodes(self) -> None:
+        self._shape(self.state.set_node_count, self.state.request.nodes - 1)
+
+    def _shape(self, setter: Callable[[int], None], value: int) -> None:
+        """Set the card or node count; a count out of range is a warning, not an error panel."""
         try:
-            self.state.set_card_count(self.state.request.gpu_count + step)
+            setter(value)
         except UserError as e:
             self.notify(str(e), severity="warning")
             return

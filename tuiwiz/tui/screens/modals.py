@@ -14,9 +14,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static
 
-EXPORT_FORMATS = (("tuiwiz preset (YAML)", "preset"), ("LLaMA-Factory config", "llamafactory"),
-                  ("Axolotl config", "axolotl"))
-DEFAULT_NAMES = {"preset": "tuiwiz-preset.yaml", "llamafactory": "llamafactory.yaml", "axolotl": "axolotl.yaml"}
+from tuiwiz.exports import EXPORT_FORMATS
+
+DEFAULT_NAMES = {f.key: f.filename for f in EXPORT_FORMATS}
 
 
 class ErrorScreen(ModalScreen[None]):
@@ -93,7 +93,8 @@ class ExportScreen(ModalScreen[ExportChoice | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Export the plan", classes="dialog-title")
-            yield Select(EXPORT_FORMATS, value=self.fmt, allow_blank=False, id="export-format", compact=True)
+            yield Select([(f.label, f.key) for f in EXPORT_FORMATS], value=self.fmt, allow_blank=False,
+                         id="export-format", compact=True)
             yield Label("Path (Enter writes; asks before replacing a file):")
             name = DEFAULT_NAMES[self.fmt]
             yield Input(str(self.directory / name) if self.directory else name, id="export-path", compact=True)

@@ -20,6 +20,7 @@ from textual.widgets import Input, Label, Select, Static
 from textual.widgets.select import NoSelection
 
 from tuiwiz.errors import BadValue, Clobber, UserError
+from tuiwiz.exports import write_plan_export
 from tuiwiz.planning.knobs import KNOB_BY_NAME, KNOBS, KnobInfo, format_knob, parse_knob
 from tuiwiz.tui.render import breakdown_table, memory_legend, memory_stack
 from tuiwiz.tui.screens.base import FITS_STYLE, NO_FIT_STYLE, PENDING_STYLE, WizardScreen
@@ -28,8 +29,6 @@ from tuiwiz.tui.screens.modals import ConfirmScreen, ExportChoice, ExportScreen,
 from tuiwiz.tui.state import label_of
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tuiwiz.planner import Plan
 
 EFFECTIVE = "effective_batch"
@@ -270,7 +269,7 @@ class PlanScreen(WizardScreen):
         if choice is None or plan is None:
             return
         try:
-            path = write_export(plan, choice, force=force)
+            path = write_plan_export(plan.to_preset(), choice.fmt, choice.path, force=force)
         except Clobber as e:
             if not force:
                 def confirm(yes: bool | None) -> None:
@@ -305,16 +304,3 @@ class PlanScreen(WizardScreen):
                 self.wizard.launch_run(plan.to_preset())
 
         self.app.push_screen(ConfirmScreen(question, yes="Launch"), confirmed)
-
-
-def write_export(plan: Plan, choice: ExportChoice, *, force: bool = False) -> Path:
-    """Write the plan as a preset or a trainer config. Raises `Clobber` if the file exists."""
-    from tuiwiz.preset import save_preset
-
-    preset = plan.to_preset()
-    if choice.fmt == "preset":
-        return save_preset(preset, choice.path, force=force)
-    from tuiwiz.atomic import write_text_atomic
-    from tuiwiz.exports import export_text
-
-    return write_text_atomic(choice.path, export_text(preset, choice.fmt), force=force)
