@@ -59,6 +59,20 @@ def test_tuiwiz_defaults_to_the_bf16_stream_and_offers_peft_fp32():
     assert STACKS["tuiwiz"].residuals == ("bf16", "fp32") and not STACKS["tuiwiz"].fp32_adapters
 
 
+@pytest.mark.parametrize("argv, residual, warned", [
+    (["--gpu", "T4"], "fp32", True),  # no bf16 on the card: fp16 compute keeps peft's fp32 stream
+    (["--gpu", "4090", "--compute-dtype", "fp16"], "fp32", True),
+    (["--gpu", "T4", "--residual", "bf16"], "bf16", False),  # held: the user's choice stands
+    (["--gpu", "4090"], "bf16", False),
+])
+def test_fp16_compute_keeps_the_fp32_stream_unless_held(capsys, argv, residual, warned):
+    """The bf16 default rests on bf16 measurements; fp16 has 5 exponent bits and can overflow."""
+    main(["--auto", "--json", *argv])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["plan"]["residual"] == residual
+    assert any("fp16 compute: residual stream fp32" in w for w in plan["warnings"]) is warned
+
+
 # --------------------------------------------------------------------------- the estimate follows the stack
 
 

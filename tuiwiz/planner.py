@@ -335,6 +335,13 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
     if not all(g.bf16 for g in gpus) and knobs.compute_dtype == "bf16":
         knobs = knobs.replace(compute_dtype="fp16")
         warnings.append(f"{gpus[0].name} has no bf16: computing in fp16")
+    fp16_upcast = (knobs.compute_dtype == "fp16" and knobs.residual != "fp32" and "residual" not in fixed
+                   and knobs.trainer == "tuiwiz")
+    if fp16_upcast:
+        # the bf16 stream was chosen on bf16 evidence (bench/bench_residual.py); an fp16 stream has
+        # 5 exponent bits and can overflow, so fp16 keeps peft's fp32 upcast unless the user holds it
+        # (a sharded strategy still needs the 16-bit stream: the advisor says so when it picks one)
+        knobs = knobs.replace(residual="fp32")
     if knobs.attn == "flash_attention_2" and not all(g.bf16 for g in gpus):
         warnings.append(f"FlashAttention 2 needs an Ampere (sm80) or newer GPU; {gpus[0].name} is older: "
                         "use sdpa")
@@ -352,6 +359,9 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
     problem = strategy_problem(advice.knobs)
     if problem:
         raise BadValue("strategy", advice.knobs.strategy, problem)
+    if fp16_upcast and advice.knobs.residual == "fp32":
+        warnings.append("fp16 compute: residual stream fp32 (peft's k-bit preparation), as fp16 activations "
+                        "can overflow; --residual bf16 keeps it 16-bit")
     plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings), calibration=calibration)
     warnings.extend(_host_ram_warnings(plan))
     plan = dataclasses.replace(plan, warnings=tuple(warnings))

@@ -106,8 +106,9 @@ class TrainingKnobs(BaseModel):
                             "the trainer that runs the plan: memory is estimated for its stack")
     residual: Residual = knob("bf16", "--residual", "residual stream",
                               "dtype of a k-bit base's embeddings, norms and residual stream: bf16 (the "
-                              "compute dtype, as LLaMA-Factory and Axolotl run it) or fp32 (peft's k-bit "
-                              "preparation; about twice the activations)")
+                              "compute dtype, as LLaMA-Factory and Axolotl run it; an fp16 plan keeps fp32 "
+                              "unless you hold this) or fp32 (peft's k-bit preparation; about twice the "
+                              "activations)")
     batching: Batching = knob("padded", "--batching", "batching",
                               "padded (to each micro-batch's longest), packed (whole samples in cutoff-long "
                               "rows; micro-batch counts rows) or padding_free (samples end to end); "
