@@ -104,7 +104,7 @@ def build_qlora(cfg: dict, *, rank: int, dropout: float, targets: str | list[str
     from trl.trainer.utils import add_fused_lm_head
 
     from tuiwiz.planning.knobs import TrainingKnobs
-    from tuiwiz.train.build import build_model, lora_config
+    from tuiwiz.train.build import build_model, enable_checkpointing, lora_config
 
     knobs = TrainingKnobs(quant_bits=quant_bits, lora_rank=rank, lora_alpha=2 * rank, lora_dropout=dropout,
                           target_modules=targets, attn=attn, grad_checkpointing=grad_checkpointing,
@@ -114,7 +114,7 @@ def build_qlora(cfg: dict, *, rank: int, dropout: float, targets: str | list[str
         for prm in model.parameters():
             prm.requires_grad_(False)
         if grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
     torch.manual_seed(0)
     model = get_peft_model(model, lora_config(knobs, model))
     if grad_checkpointing:

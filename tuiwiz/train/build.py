@@ -211,8 +211,18 @@ def prepare_kbit(model: Any, knobs: TrainingKnobs) -> Any:
         param.requires_grad_(False)
     if knobs.grad_checkpointing:
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing, by the name transformers 5.25 keeps
+    (`gradient_checkpointing_enable` is its deprecated alias, removed in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=GC_KWARGS)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
 
 
 def lora_targets(knobs: TrainingKnobs, model: Any) -> str | list[str]:
