@@ -361,7 +361,7 @@ def make_plan(req: PlanRequest, hw: HardwareInventory, spec: ModelSpec, profile:
         raise BadValue("strategy", advice.knobs.strategy, problem)
     if fp16_upcast and advice.knobs.residual == "fp32":
         warnings.append("fp16 compute: residual stream fp32 (peft's k-bit preparation), as fp16 activations "
-                        "can overflow; --residual bf16 keeps it 16-bit")
+                        "can overflow; hold the residual stream at bf16 to keep it 16-bit")
     plan = Plan(req, hw, tuple(gpus), spec, advice, profile, tuple(warnings), calibration=calibration)
     warnings.extend(_host_ram_warnings(plan))
     plan = dataclasses.replace(plan, warnings=tuple(warnings))
