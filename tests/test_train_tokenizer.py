@@ -30,9 +30,10 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _offline(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
-    import huggingface_hub
+    """huggingface_hub reads HF_HUB_OFFLINE once, into `constants`; `is_offline_mode` returns it."""
+    from huggingface_hub import constants
 
-    monkeypatch.setitem(huggingface_hub.is_offline_mode.__globals__, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
 
 
 def test_offline_run_without_a_tokenizer_says_how_to_get_one(tiny, empty_hf_cache, tmp_path, monkeypatch) -> None:

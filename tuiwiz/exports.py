@@ -26,11 +26,12 @@ from typing import Any
 
 import yaml
 
+from tuiwiz.atomic import write_text_atomic
 from tuiwiz.errors import BadValue, UserError
 from tuiwiz.planning.knobs import ATTN_TARGETS, TrainingKnobs
 from tuiwiz.planning.schedule import eval_and_save_steps
 from tuiwiz.planning.stacks import STACKS, fit_to_trainer, residual_fp32
-from tuiwiz.preset import DatasetRef, Preset
+from tuiwiz.preset import DatasetRef, Preset, save_preset
 
 FORMATS = ("llamafactory", "axolotl")
 #: Exports that launch the plan on a cluster (tuiwiz.runs.cluster): an sbatch script, a per-node script.
@@ -67,11 +68,7 @@ def plan_export_text(preset: Preset, fmt: str) -> str:
 def write_plan_export(preset: Preset, fmt: str, path: str | Path, *, force: bool = False) -> Path:
     """Write the plan as `fmt` atomically. Raises `Clobber` if the file exists and not `force`."""
     if fmt == "preset":
-        from tuiwiz.preset import save_preset
-
         return save_preset(preset, path, force=force)
-    from tuiwiz.atomic import write_text_atomic
-
     return write_text_atomic(path, plan_export_text(preset, fmt), force=force)
 
 # tuiwiz attention implementation -> each trainer's option (Axolotl: `attn_implementation`; its

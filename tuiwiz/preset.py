@@ -51,7 +51,8 @@ class HardwareRef(_Strict):
     gpu: str = Field(min_length=1)
     memory_gib: float = Field(gt=0)
     count: int = Field(1, ge=1, le=MAX_GPUS_PER_NODE)  # GPUs per node
-    nodes: int = Field(1, ge=1, le=MAX_NODES, description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
+    nodes: int = Field(1, ge=1, le=MAX_NODES,
+                       description="machines, each with `count` GPUs (exported to SLURM/torchrun)")
     indices: list[int] | None = None
     bf16: bool = True
 

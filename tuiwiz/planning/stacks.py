@@ -9,8 +9,8 @@ differ, each read in the trainer's source (file and commit in `tests/test_export
   base to fp32, so the residual stream and the MLP's intermediates are fp32. By default
   (`residual: bf16`, chosen by `bench/bench_residual.py`: 25% less kept for backward, loss
   curves within 0.0005 over 300 steps) it keeps them in the compute dtype. LLaMA-Factory never
-  calls it (its `upcast_layernorm` is off by default); Axolotl calls it and then casts norms, embeddings and
-  head back to bf16 for any LoRA/QLoRA adapter (`ModelLoader._resize_token_embeddings`). Both
+  calls it (its `upcast_layernorm` is off by default); Axolotl calls it and then casts norms,
+  embeddings and head back to bf16 for any LoRA/QLoRA adapter (`ModelLoader._resize_token_embeddings`). Both
   keep the stream in bf16.
 - **the adapters' dtype.** trl's SFTTrainer casts the LoRA weights of a k-bit base to bf16;
   LLaMA-Factory casts trainable parameters to fp32 (`model/adapter.py`), and Axolotl keeps

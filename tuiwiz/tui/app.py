@@ -48,6 +48,8 @@ POLL_S = 1.5
 
 GpuReader = Callable[[], list[GpuInfo]]
 TokenizerLoader = Callable[[PlanRequest], "CountingTokenizer"]
+
+
 class Launcher(Protocol):
     """Starts a detached run; `online` lets its worker download what is not on this machine."""
 
